@@ -444,6 +444,33 @@ class LLM(nn.Module):
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
 
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continue each row of idx (B, T) by max_new_tokens sampled tokens, nanoGPT style, with the KV cache:
+        the prompt runs once, then one token per step. For quick samples while training; text_generator.py
+        is the full engine. temperature 0 is greedy; `generator` keeps sampling off the global RNG."""
+        B, T = idx.shape
+        self.setup_cache(B, T + max_new_tokens)
+        try:
+            logits = self(idx)[:, -1]
+            out = [idx]
+            for t in range(T, T + max_new_tokens):
+                if temperature == 0:
+                    nxt = logits.argmax(-1, keepdim=True)
+                else:
+                    logits = logits.float() / temperature
+                    if top_k is not None:
+                        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                        logits = logits.masked_fill(logits < kth, float("-inf"))
+                    nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+                out.append(nxt)
+                if t + 1 < T + max_new_tokens:
+                    logits = self(nxt, pos=torch.tensor([t], device=idx.device))[:, -1]
+            return torch.cat(out, dim=1)
+        finally:
+            self.clear_cache()
+
 
 # -----------------------------------------------------------------------------
 # Estimators: parameters, FLOPs, memory
