@@ -1,0 +1,445 @@
+"""
+Talk to a checkpoint: an interactive prompt, one-shot generation for scripts, and the engine behind both
+(serve.py uses the same engine).
+
+    python text_generator.py                                   # newest checkpoint under out/, interactive
+    python text_generator.py --checkpoint=out/checkpoint-2000 --quantize=int8
+    python text_generator.py --prompt="Once upon a time" --prompt="The king" --temperature=0
+    python text_generator.py --benchmark                       # decode tokens/s vs transformers' generate
+
+The engine runs the prompt once (prefill), then one token per step over the preallocated KV cache of
+modern_llm.py; with --compile the decode step is compiled once for its fixed shapes. Prompts of different
+lengths share a batch: rows are left-padded, an attention mask hides the padding and each row gets its own
+RoPE positions, so every row generates exactly what it would alone.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from modern_llm import (CheckpointError, KVCache, UserError, is_int8, load_model, parse_flags, quantize_int8,
+                        resolve_checkpoint, run_main, script_constants)
+
+CHECKPOINT = "out"  # a checkpoint directory, or a training run's OUT_DIR (its newest checkpoint)
+PROMPT: list = []  # one-shot mode: continue this text and exit (repeatable)
+PROMPTS_FILE = ""  # one-shot mode: continue each non-empty line of this file and exit
+CHAT = False  # start the interactive prompt in chat mode (the tokenizer's chat template)
+MAX_NEW_TOKENS = 256  # tokens to generate per answer at most
+TEMPERATURE = 0.8  # 0 = greedy
+TOP_K = 50  # sample among the k most likely tokens only (0 = off)
+TOP_P = 0.95  # nucleus: sample from the smallest set of tokens whose probability reaches p (1 = off)
+MIN_P = 0.0  # drop tokens less likely than min_p x the most likely one (0 = off)
+REPETITION_PENALTY = 1.0  # > 1 discourages tokens already in the prompt or the answer (1 = off)
+STOP: list = []  # stop when the answer contains this text (repeatable); EOS and <|im_end|> always stop
+SEED = -1  # seed for reproducible sampling (-1 = a different sample each time)
+BATCH_SIZE = 16  # one-shot mode: prompts generated together in one batch
+QUANTIZE = ""  # "int8": weight-only int8, one scale per output channel (faster decoding, ~quarter of the bytes)
+COMPILE = False  # torch.compile the decode step (slow first answer, faster after)
+DEVICE = "auto"  # auto, cpu, cuda, cuda:1, mps
+DTYPE = "auto"  # auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16
+BENCHMARK = False  # measure decode tokens/s against transformers' generate and print a table
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+END_OF_TURN = "<|im_end|>"  # the chat template's end-of-turn token: a reply stops there as at EOS
+
+
+# -----------------------------------------------------------------------------
+# Sampling: parameters per row, and the logits processors
+
+
+@dataclass
+class SamplingParams:
+    """How one row is sampled. Processors apply in Hugging Face's order: repetition penalty (and the OpenAI
+    presence/frequency penalties), temperature, top-k, top-p, min-p; then a token is drawn (argmax if
+    temperature is 0)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0  # HF/CTRL: divides positive logits of seen tokens (prompt + answer)
+    presence_penalty: float = 0.0  # OpenAI: subtracted once from each token already in the answer
+    frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the answer
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None  # None: the engine's random stream
+
+    def validate(self) -> None:
+        """Raise a one-line UserError for the first bad value."""
+        checks = [
+            ("max_new_tokens", isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "must be >= 1"),
+            ("temperature", self.temperature >= 0, "must be >= 0 (0 = greedy)"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "must be a whole number >= 0 (0 = off)"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1] (1 = off)"),
+            ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1] (0 = off)"),
+            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0 (1 = off)"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+            ("seed", self.seed is None or isinstance(self.seed, int), "must be a whole number"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise UserError(f"{name} {rule}, got {getattr(self, name)!r}", "Generation")
+
+
+def apply_penalties(logits: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tensor | None,
+                    repetition: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
+    """Repetition penalty as transformers applies it (seen logits: positive / p, negative * p), then the
+    OpenAI penalties on the answer's token counts. Per-row values are (B, 1) tensors."""
+    if seen is not None:
+        penalised = torch.where(logits > 0, logits / repetition, logits * repetition)
+        logits = torch.where(seen, penalised, logits)
+    if counts is not None:
+        logits = logits - frequency * counts - presence * (counts > 0)
+    return logits
+
+
+def top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Top-k, then top-p on what top-k kept, with one sort. top_k (B, 1) of k (V = off); top_p (B, 1).
+
+    Top-k keeps the k best tokens (ties broken by the sort). Top-p keeps the smallest set of best tokens
+    whose probability reaches p: a token stays if the mass of the tokens ranked above it is still below p.
+    """
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(logits.size(-1), device=logits.device)
+    sorted_logits = sorted_logits.masked_fill(rank >= top_k, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    mass_above = probs.cumsum(dim=-1) - probs
+    drop = (mass_above >= top_p) & (top_p < 1)  # p = 1 is off, whatever the rounding of the cumulative sum
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def min_p_filter(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the most likely token's (min_p (B, 1))."""
+    probs = logits.softmax(dim=-1)
+    return logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+
+
+class Sampler:
+    """The per-row parameters of a batch as tensors, so one step processes every row at once."""
+
+    def __init__(self, params: list[SamplingParams], prompts: list[list[int]], vocab_size: int,
+                 device: torch.device, generator: torch.Generator):
+        def column(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype, device=device)[:, None]
+
+        B, V = len(params), vocab_size
+        self.greedy = column([p.temperature == 0 for p in params], torch.bool)
+        self.temperature = column([p.temperature or 1.0 for p in params])
+        self.top_k = column([p.top_k or V for p in params], torch.long)
+        self.top_p = column([p.top_p for p in params])
+        self.min_p = column([p.min_p for p in params])
+        self.repetition = column([p.repetition_penalty for p in params])
+        self.presence = column([p.presence_penalty for p in params])
+        self.frequency = column([p.frequency_penalty for p in params])
+        self.seen = self.counts = None  # allocated only when a row uses them
+        if any(p.repetition_penalty != 1 for p in params):
+            self.seen = torch.zeros(B, V, dtype=torch.bool, device=device)
+            for i, prompt in enumerate(prompts):
+                self.seen[i, prompt] = True
+        if any(p.presence_penalty or p.frequency_penalty for p in params):
+            self.counts = torch.zeros(B, V, device=device)
+        self.sort = any(p.top_k or p.top_p < 1 for p in params)
+        self.use_min_p = any(p.min_p > 0 for p in params)
+        self.all_greedy = all(p.temperature == 0 for p in params)
+        # A row with a seed draws from its own generator: its text does not depend on the rest of the batch.
+        self.generators = [torch.Generator(device).manual_seed(p.seed) if p.seed is not None else generator
+                           for p in params]
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token of every row (B,), from the last position's logits (B, V)."""
+        logits = apply_penalties(logits.float(), self.seen, self.counts, self.repetition, self.presence,
+                                 self.frequency)
+        if self.all_greedy:
+            return logits.argmax(dim=-1)
+        greedy_choice = logits.argmax(dim=-1)
+        logits = logits / self.temperature
+        if self.sort:
+            logits = top_k_top_p(logits, self.top_k, self.top_p)
+        if self.use_min_p:
+            logits = min_p_filter(logits, self.min_p)
+        probs = logits.softmax(dim=-1)
+        # Exponential race (argmax of p / E, E ~ Exp(1)) draws from probs like multinomial, and lets each row
+        # use its own generator.
+        noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=g) for g in self.generators])
+        return torch.where(self.greedy[:, 0], greedy_choice, (probs / noise).argmax(dim=-1))
+
+    def update(self, tokens: torch.Tensor) -> None:
+        rows = torch.arange(tokens.size(0), device=tokens.device)
+        if self.seen is not None:
+            self.seen[rows, tokens] = True
+        if self.counts is not None:
+            self.counts[rows, tokens] += 1
+
+
+# -----------------------------------------------------------------------------
+# From tokens to text, one piece at a time
+
+
+class TextStream:
+    """Turns a row's tokens into text pieces as they come. A character of several bytes can span several
+    tokens, so a piece that ends in an incomplete character is held back until the character completes.
+    The last few prompt tokens are decoded along, so tokenizers that mark word starts (SentencePiece's
+    leading space) decode the first answer token as they would inside the text."""
+
+    def __init__(self, tokenizer, prompt: list[int]):
+        self.tokenizer = tokenizer
+        self.ids = list(prompt[-5:])
+        self.prefix, self.read = 0, len(self.ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        return self.flush(final=False)
+
+    def flush(self, final: bool = True) -> str:
+        before = self._decode(self.ids[self.prefix:self.read])
+        text = self._decode(self.ids[self.prefix:])
+        if text.endswith("\ufffd") and not final:
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(before):]
+
+
+@dataclass
+class TokenEvent:
+    token_id: int | None  # None when the row was cancelled
+    text_delta: str  # text to append; may be "" (a character still incomplete, or held back by a stop string)
+    finish_reason: str | None = None  # None, "stop" (EOS, end of turn, stop string), "length" or "cancelled"
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]  # generated tokens, the EOS / end-of-turn token that ended the row included
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class RowState:
+    """One row's answer so far: its tokens, its text, how much of the text was handed out, and why it ended."""
+
+    def __init__(self, tokenizer, prompt: list[int], params: SamplingParams, max_new_tokens: int):
+        self.stream = TextStream(tokenizer, prompt)
+        self.stop = params.stop
+        self.max_new_tokens = max_new_tokens
+        self.tokens: list[int] = []
+        self.text = ""
+        self.sent = 0  # characters of self.text already handed out
+        self.finished = False
+
+    def event(self, token: int, end_tokens: set[int]) -> TokenEvent:
+        self.tokens.append(token)
+        if token in end_tokens:
+            return self.finish(token, self.text[self.sent:] + self.stream.flush(), "stop")
+        self.text += self.stream.push(token)
+        # A stop string cannot start in text already sent: that text never ends in a prefix of one.
+        hits = [i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0]
+        if hits:
+            cut = min(hits)
+            return self.finish(token, self.text[self.sent:cut], "stop")
+        if len(self.tokens) >= self.max_new_tokens:
+            return self.finish(token, self.text[self.sent:] + self.stream.flush(), "length")
+        end = len(self.text) - self.held_back()
+        delta, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return TokenEvent(token, delta)
+
+    def held_back(self) -> int:
+        """Length of the longest end of the unsent text that could begin a stop string."""
+        unsent = self.text[self.sent:]
+        return max((n for s in self.stop for n in range(min(len(s) - 1, len(unsent)), 0, -1)
+                    if unsent.endswith(s[:n])), default=0)
+
+    def finish(self, token: int | None, delta: str, reason: str) -> TokenEvent:
+        self.finished = True
+        self.text = self.text[:self.sent] + delta
+        self.sent = len(self.text)
+        return TokenEvent(token, delta, reason)
+
+
+# -----------------------------------------------------------------------------
+# The engine
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps", "Generation") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device={name} but PyTorch sees no CUDA GPU; use --device=cpu", "Generation")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32  # many CPUs have no fast bf16; NOTES.md shows where bf16 does pay off
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}", "Generation")
+    return DTYPES[name]
+
+
+def load_checkpoint_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: no usable tokenizer (tokenizer.json) beside the weights: {first}") from None
+
+
+class Engine:
+    """A loaded checkpoint that generates text for a batch of prompts, one step at a time.
+
+    One batch runs at a time (a lock serialises callers); serve.py forms the batches.
+    """
+
+    def __init__(self, checkpoint: str | Path, device: str = "auto", dtype: str = "auto",
+                 quantize: str | None = None, compile: bool = False, max_batch_size: int = 16):
+        if quantize not in (None, "", "int8"):
+            raise UserError(f"unknown quantization {quantize!r}; the choice is int8 (or nothing)", "Generation")
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.path = resolve_checkpoint(checkpoint)
+        self.model = load_model(self.path, self.device, self.dtype).eval()
+        if quantize == "int8" and not is_int8(self.model):
+            quantize_int8(self.model)
+        self.tokenizer = load_checkpoint_tokenizer(self.path)
+        self.max_seq_len = self.model.cfg.max_seq_len
+        self.max_batch_size = max_batch_size
+        vocab = self.tokenizer.get_vocab()
+        self.end_tokens = {t for t in (self.tokenizer.eos_token_id, vocab.get(END_OF_TURN)) if t is not None}
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        self.generator = torch.Generator(self.device)
+        self.generator.seed()  # a fresh random seed; rows with their own seed do not use it
+        self._lock = threading.Lock()
+        self._decode = self._decode_step
+        if compile:
+            # Each (batch, cache length) pair is its own static graph; allow enough of them before falling back.
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            self._decode = torch.compile(self._decode_step, dynamic=False)
+
+    # -- the model steps ---------------------------------------------------------------------------------------
+    def _setup_cache(self, batch_size: int, length: int) -> None:
+        """A KV cache of `length` slots. With left padding a short prompt's row starts late, so a batch can
+        need more slots than the context (no row gets more positions than the context, though)."""
+        cfg, w = self.model.cfg, self.model.model.embed_tokens.weight
+        for layer in self.model.model.layers:
+            layer.self_attn.kv_cache = KVCache(batch_size, cfg.n_kv_head, length, cfg.head_dim, w.dtype, w.device)
+        self.model.cache_len = length
+
+    def cache_length(self, needed: int) -> int:
+        """Round up to a quarter of the context so a compiled decode step sees few distinct shapes."""
+        quarter = max(1, self.max_seq_len // 4)
+        return -(-needed // quarter) * quarter
+
+    @torch.inference_mode()
+    def _prefill(self, idx: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """Run the left-padded prompts (B, P) through the model once; the last position's logits (B, V).
+        A padding query may see only itself, so no attention row is empty (an empty one would give NaN)."""
+        B, P = idx.shape
+        slots = torch.arange(P, device=idx.device)
+        pos = (slots - pad[:, None]).clamp(min=0)
+        keys = torch.arange(self.model.cache_len, device=idx.device)
+        mask = (keys <= slots[:, None]) & ((keys >= pad[:, None, None]) | (keys == slots[:, None]))
+        return self.model(idx, pos=pos, slots=slots, mask=mask[:, None]).float()[:, -1]
+
+    def _decode_step(self, tokens: torch.Tensor, slot: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """One token per row (B, 1) at cache slot `slot` (1,); its logits (B, V). Fixed shapes: compilable."""
+        keys = torch.arange(self.model.cache_len, device=tokens.device)
+        mask = (keys >= pad[:, None]) & (keys <= slot)
+        return self.model(tokens, pos=slot - pad[:, None], slots=slot, mask=mask[:, None, None]).float()[:, -1]
+
+    # -- the public API ----------------------------------------------------------------------------------------
+    def check_prompt(self, prompt: list[int]) -> None:
+        if not prompt:
+            raise UserError("the prompt is empty: give some text to continue", "Generation")
+        if len(prompt) >= self.max_seq_len:
+            raise UserError(f"the prompt has {len(prompt)} tokens, the model's context is {self.max_seq_len}: "
+                            "shorten it to leave room for the answer", "Generation")
+        vocab = self.model.cfg.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise UserError(f"prompt token ids must lie in [0, {vocab})", "Generation")
+
+    def stream(self, prompts: list[list[int]], params: list[SamplingParams],
+               cancelled: Callable[[int], bool] | None = None) -> Iterator[list[TokenEvent | None]]:
+        """Generate for every row together; yield, per decode step, each row's TokenEvent, or None for a row
+        that has finished. A row's answer stops at EOS or <|im_end|>, a stop string, its max_new_tokens or
+        the end of the context ("length"); cancelled(row) returning True ends it with "cancelled"."""
+        if len(prompts) != len(params):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        if not 1 <= len(prompts) <= self.max_batch_size:
+            raise UserError(f"{len(prompts)} prompts in one batch; this engine takes 1 to {self.max_batch_size}",
+                            "Generation")
+        for prompt, p in zip(prompts, params):
+            self.check_prompt(prompt)
+            p.validate()
+        with self._lock:
+            yield from self._stream(prompts, params, cancelled or (lambda row: False))
+
+    def _stream(self, prompts, params, cancelled) -> Iterator[list[TokenEvent | None]]:
+        B, P = len(prompts), max(map(len, prompts))
+        budgets = [min(p.max_new_tokens, self.max_seq_len - len(x)) for x, p in zip(prompts, params)]
+        rows = [RowState(self.tokenizer, x, p, n) for x, p, n in zip(prompts, params, budgets)]
+        pad = torch.tensor([P - len(x) for x in prompts], device=self.device)
+        idx = torch.tensor([[self.pad_id] * (P - len(x)) + x for x in prompts], device=self.device)
+        sampler = Sampler(params, prompts, self.model.cfg.vocab_size, self.device, self.generator)
+        self._setup_cache(B, self.cache_length(P + max(budgets)))
+        try:
+            logits = self._prefill(idx, pad)
+            for slot in range(P, P + max(budgets)):
+                with torch.inference_mode():
+                    tokens = sampler(logits)
+                    sampler.update(tokens)
+                step: list[TokenEvent | None] = []
+                for i, (row, token) in enumerate(zip(rows, tokens.tolist())):
+                    if row.finished:
+                        step.append(None)
+                    elif cancelled(i):
+                        step.append(row.finish(None, "", "cancelled"))
+                    else:
+                        step.append(row.event(token, self.end_tokens))
+                yield step
+                if all(row.finished for row in rows):
+                    return
+                with torch.inference_mode():
+                    logits = self._decode(tokens[:, None], torch.tensor([slot], device=self.device), pad)
+        finally:
+            self.model.clear_cache()
+
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Completion]:
+        """Whole answers, in batches of at most max_batch_size."""
+        out = []
+        for start in range(0, len(prompts), self.max_batch_size):
+            chunk = prompts[start:start + self.max_batch_size]
+            texts, tokens, reasons = [""] * len(chunk), [[] for _ in chunk], [""] * len(chunk)
+            for step in self.stream(chunk, params[start:start + self.max_batch_size]):
+                for i, ev in enumerate(step):
+                    if ev is not None:
+                        texts[i] += ev.text_delta
+                        tokens[i] += [] if ev.token_id is None else [ev.token_id]
+                        reasons[i] = ev.finish_reason or ""
+            out += [Completion(t, ids, r, len(x), len(ids)) for t, ids, r, x in zip(texts, tokens, reasons, chunk)]
+        return out
