@@ -1,0 +1,230 @@
+"""
+Take a checkpoint out of the toolkit. The checkpoint directory already is a Hugging Face Llama directory; this
+script writes the other forms:
+
+    python export_model.py --checkpoint=out --format=onnx             # out-onnx/model.onnx (input_ids -> logits)
+    python export_model.py --checkpoint=out --format=onnx --kv_cache  # + decoder_with_past.onnx
+
+An export is checked before it is put in place (ONNX Runtime against PyTorch on two batch/length shapes) and
+written to a temporary path that is renamed to OUT at the end, so an existing OUT is replaced only with --force,
+only by a complete, checked export, and a failed or interrupted export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from modern_llm import UserError, count_params, load_model, parse_flags, resolve_checkpoint, run_main, \
+    script_constants
+
+CHECKPOINT = "out"  # checkpoint directory, or a training run's OUT_DIR (meaning its newest checkpoint)
+FORMAT = "onnx"  # onnx (see README: Export for the others)
+OUT = ""  # output path; empty: beside the checkpoint, named <checkpoint>-<format>
+FORCE = False  # replace OUT if it already exists
+KV_CACHE = False  # onnx: also write decoder_with_past.onnx (past keys/values in, present out) for fast decoding
+TOLERANCE = 1e-4  # onnx: largest accepted |ONNX Runtime - PyTorch| logit, relative to the largest logit (>= 1)
+
+# Files copied from the checkpoint so an export directory is self-contained (tokenizer, config, chat template).
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "chat_template.jinja")
+ONNX_FILE = "model.onnx"
+ONNX_PAST_FILE = "decoder_with_past.onnx"
+PROTOBUF_LIMIT = 2 * 1024**3  # an .onnx file cannot exceed 2 GB: bigger weights go to a .data file beside it
+
+
+# -----------------------------------------------------------------------------
+# ONNX
+
+
+class PastKV:
+    """Stands in for the model's preallocated KVCache: instead of writing into fixed slots (an in-place update
+    ONNX cannot express as an input/output pair) it appends the new keys/values to the past ones it was given,
+    so the grown tensors can be returned as the `present` outputs."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+
+    def update(self, slots, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k, self.v = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
+        return self.k, self.v
+
+
+class DecoderWithPast(nn.Module):
+    """(input_ids, past k/v of every layer) -> (logits, present k/v): one step of incremental decoding.
+
+    Past tensors are (batch, kv heads, past length, head dim); a past length of 0 is the prompt. The new tokens
+    sit at positions past..past+T-1 of every row, so rows must have equal length (no padding)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.llm = model
+
+    def forward(self, input_ids: torch.Tensor, past: list[torch.Tensor]):
+        T, P = input_ids.shape[1], past[0].shape[2]
+        pos = torch.arange(P, P + T, device=input_ids.device)
+        mask = torch.arange(P + T, device=input_ids.device)[None, :] <= pos[:, None]  # causal over past + new
+        layers = self.llm.model.layers
+        caches = [PastKV(past[2 * i], past[2 * i + 1]) for i in range(len(layers))]
+        for layer, cache in zip(layers, caches):
+            layer.self_attn.kv_cache = cache
+        try:
+            logits = self.llm(input_ids, pos=pos, mask=mask)
+        finally:
+            for layer in layers:
+                layer.self_attn.kv_cache = None
+        return logits, [t for c in caches for t in (c.k, c.v)]
+
+
+def past_names(n_layer: int, prefix: str) -> list[str]:
+    """Per-layer key/value tensor names, as Hugging Face Optimum names them (past_key_values.0.key, ...)."""
+    return [f"{prefix}.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+
+
+def empty_past(cfg, batch: int, length: int = 0) -> list[torch.Tensor]:
+    return [torch.zeros(batch, cfg.n_kv_head, length, cfg.head_dim) for _ in range(2 * cfg.n_layer)]
+
+
+def export_onnx(model: nn.Module, out_dir: Path, kv_cache: bool) -> None:
+    """model.onnx: input_ids (batch, seq) -> logits (batch, seq, vocab), both axes dynamic; with kv_cache also
+    decoder_with_past.onnx. Uses the torch.export-based exporter (onnxscript)."""
+    cfg = model.cfg
+    batch, seq, past = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
+    external = count_params(cfg) * 4 > PROTOBUF_LIMIT * 0.9
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    # The exporter's chatter (skipped torchvision ops, deprecations inside torch) says nothing about this model.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"torch\.|copyreg")
+        torch.onnx.export(model, (ids,), str(out_dir / ONNX_FILE), input_names=["input_ids"],
+                          output_names=["logits"], dynamic_shapes={"idx": {0: batch, 1: seq}}, dynamo=True,
+                          external_data=external, verbose=False)
+        if kv_cache:
+            n = cfg.n_layer
+            torch.onnx.export(DecoderWithPast(model).eval(), (ids, empty_past(cfg, 2, 3)),
+                              str(out_dir / ONNX_PAST_FILE),
+                              input_names=["input_ids"] + past_names(n, "past_key_values"),
+                              output_names=["logits"] + past_names(n, "present"),
+                              dynamic_shapes={"input_ids": {0: batch, 1: seq},
+                                              "past": [{0: batch, 2: past}] * (2 * n)},
+                              dynamo=True, external_data=external, verbose=False)
+
+
+def max_error(got, want: torch.Tensor) -> float:
+    """Largest absolute difference, relative to the largest reference logit when that is above 1."""
+    want = want.detach().float()
+    return float((torch.as_tensor(got).float() - want).abs().max() / max(1.0, float(want.abs().max())))
+
+
+def check_onnx(model: nn.Module, out_dir: Path, kv_cache: bool, tolerance: float) -> float:
+    """Run the exported files in ONNX Runtime on two batch/length shapes and compare with PyTorch; the decoder
+    with past is checked on a prompt and then one decoding step fed with its own present outputs."""
+    import onnxruntime as ort
+
+    cfg = model.cfg
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(1, min(5, cfg.max_seq_len)), (3, min(37, cfg.max_seq_len))]
+    session = ort.InferenceSession(str(out_dir / ONNX_FILE), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    with torch.no_grad():
+        for shape in shapes:
+            ids = torch.randint(0, cfg.vocab_size, shape, generator=gen)
+            worst = max(worst, max_error(session.run(None, {"input_ids": ids.numpy()})[0], model(ids)))
+        if kv_cache:
+            session = ort.InferenceSession(str(out_dir / ONNX_PAST_FILE), providers=["CPUExecutionProvider"])
+            ids = torch.randint(0, cfg.vocab_size, shapes[1], generator=gen)
+            prompt, step = ids[:, :-1], ids[:, -1:]
+            feeds = dict(zip(past_names(cfg.n_layer, "past_key_values"), (t.numpy() for t in empty_past(cfg, 3))))
+            logits, *present = session.run(None, {"input_ids": prompt.numpy(), **feeds})
+            worst = max(worst, max_error(logits, model(prompt)))
+            feeds = dict(zip(past_names(cfg.n_layer, "past_key_values"), present))
+            logits, *_ = session.run(None, {"input_ids": step.numpy(), **feeds})
+            worst = max(worst, max_error(logits, model(ids)[:, -1:]))
+    if worst > tolerance:
+        raise RuntimeError(f"ONNX Runtime logits differ from PyTorch by {worst:.2e} (> {tolerance:g}): "
+                           "the export is wrong; nothing was written")
+    return worst
+
+
+def onnx_export(model: nn.Module, checkpoint: Path, out: Path, cfg: dict) -> str:
+    out.mkdir()
+    export_onnx(model, out, cfg["kv_cache"])
+    copy_side_files(checkpoint, out)
+    err = check_onnx(model, out, cfg["kv_cache"], cfg["tolerance"])
+    return f"ONNX Runtime matches PyTorch: max logit difference {err:.1e} (relative, tolerance {cfg['tolerance']:g})"
+
+
+# -----------------------------------------------------------------------------
+# Writing the output safely
+
+
+def copy_side_files(checkpoint: Path, out_dir: Path) -> None:
+    for name in SIDE_FILES:
+        if (checkpoint / name).is_file():
+            shutil.copy2(checkpoint / name, out_dir / name)
+
+
+def write_atomically(out: Path, build: Callable[[Path], str], force: bool) -> str:
+    """build(staged) writes the export (a file or a directory) at `staged`, a path in a temporary directory
+    beside `out`; only then is it renamed to `out`, moving any old `out` (with force) aside first."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        staged = tmp / out.name
+        message = build(staged)
+        if out.exists() or out.is_symlink():
+            if not force:  # it appeared while we were exporting
+                raise UserError(f"{out} already exists; pass --force to replace it", "Export")
+            os.replace(out, tmp / "old")
+        os.replace(staged, out)
+        return message
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def default_out(checkpoint: Path, fmt: str) -> Path:
+    suffix = {"gguf": ".gguf"}.get(fmt, f"-{fmt}")
+    return checkpoint.parent / f"{checkpoint.name}{suffix}"
+
+
+def check_out(out: Path, given: Path, checkpoint: Path, force: bool) -> None:
+    """Refuse an OUT that exists (without --force) or that would replace the checkpoint or the run holding it."""
+    out_abs = out.resolve()
+    for p in (given.resolve(), checkpoint.resolve()):
+        if out_abs == p or out_abs in p.parents:
+            raise UserError(f"--out={out} would replace the checkpoint {p}; choose another path", "Export")
+    if (out.exists() or out.is_symlink()) and not force:
+        raise UserError(f"{out} already exists; pass --force to replace it", "Export")
+
+
+FORMATS: dict[str, Callable[[nn.Module, Path, Path, dict], str]] = {
+    "onnx": onnx_export,
+}
+
+
+def main(argv: list[str]) -> int:
+    cfg, _ = parse_flags(script_constants(globals()), argv, __file__, usage=__doc__)
+    fmt = cfg["format"].lower()
+    if fmt not in FORMATS:
+        raise UserError(f"unknown --format={cfg['format']!r}; choose one of {', '.join(FORMATS)}", "Export")
+    checkpoint = resolve_checkpoint(cfg["checkpoint"])
+    out = Path(cfg["out"]) if cfg["out"] else default_out(checkpoint, fmt)
+    check_out(out, Path(cfg["checkpoint"]), checkpoint, cfg["force"])
+    model = load_model(checkpoint, "cpu", torch.float32).eval()
+    print(f"exporting {checkpoint} ({count_params(model.cfg) / 1e6:.1f}M parameters) as {fmt} to {out}")
+    message = write_atomically(out, lambda staged: FORMATS[fmt](model, checkpoint, staged, cfg), cfg["force"])
+    print(message)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
