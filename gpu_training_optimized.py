@@ -1,0 +1,734 @@
+"""
+Train a Llama-style model on one GPU, or on a CPU: the main job.
+
+    python gpu_training_optimized.py                        # a preset for this machine, the built-in corpus
+    python gpu_training_optimized.py --preset=rtx4070ti --dataset=my_corpus.txt
+    python gpu_training_optimized.py --resume=auto          # continue the run in OUT_DIR exactly where it was
+    python gpu_training_optimized.py --model=tiny --max_steps=200 --compile=false   # a one-minute smoke test
+
+With no arguments on a CPU it trains the `small` model on the built-in corpus for a few minutes, then prints
+a sample and where the model is. On a GPU it takes the hardware preset sized for the GPU's memory.
+The file reads top to bottom: settings, hardware presets, setup, the training step, evaluation, checkpoints,
+monitoring, then main() with the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+import modern_llm
+import prepare_data
+from modern_llm import (CheckpointError, LLM, UserError, estimate_training_memory,
+                        flops_per_token, count_params, is_complete_checkpoint, list_checkpoints, load_state_dict,
+                        load_weights, model_preset, parse_flags, read_config, resolve_checkpoint, run_main,
+                        save_checkpoint, script_constants)
+from muon_optimizer import build_optimizer
+
+# -----------------------------------------------------------------------------
+# Settings (each is a flag: --max_steps=500); a hardware preset fills in the ones not given
+
+MODEL = "small"  # model size (modern_llm.PRESETS): tiny, small, 125m, 730m, 1.5b, 3b
+PRESET = "auto"  # hardware preset: auto (cpu, or by the GPU's memory), cpu, rtx3060, rtx4070ti, rtx4090, h100
+DEVICE = "auto"  # auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps
+DATASET = "builtin"  # builtin corpus, a local file or folder (.txt .jsonl ...), or a Hugging Face dataset name
+TOKENIZER = ""  # empty: train a byte-level BPE on the dataset; else a tokenizer folder or hub name
+VOCAB_SIZE = 8192  # vocabulary of the BPE trained here (a pretrained tokenizer keeps its own)
+MAX_TOKENS = 0  # read at most this many tokens of the dataset (hub datasets stream only that much); 0 = all
+DATA_ROOT = "data"  # prepared token shards are cached here, one folder per dataset and tokenizer
+OUT_DIR = "out"  # checkpoint-N folders, metrics.jsonl, loss.png; the final model is saved here too
+MAX_STEPS = 2000  # optimizer steps; with MAX_MINUTES an upper bound (0 = none)
+MAX_MINUTES = 0.0  # wall-clock budget: > 0 sets the schedule's length from the measured step time
+STOP_AFTER = 0  # end this session after this step, with a checkpoint, keeping the full schedule (0 = never)
+BATCH_SIZE = 8  # micro-batch: sequences per forward/backward
+GRAD_ACCUM = 1  # micro-batches per optimizer step
+SEQ_LEN = 256  # tokens per sequence
+LR = 1e-3  # peak learning rate (Muon reuses it: its updates are scaled to AdamW's size)
+MIN_LR = 1e-4  # learning rate at the end of the schedule
+WARMUP_STEPS = 100  # linear warm-up from 0 to LR
+SCHEDULE = "cosine"  # cosine, or wsd (warmup-stable-decay: hold LR, then decay linearly over DECAY_FRACTION)
+DECAY_FRACTION = 0.2  # wsd: the last share of the steps that decays to MIN_LR
+OPTIMIZER = "adamw"  # adamw, or muon (Muon for the blocks' matrices, AdamW for the rest)
+WEIGHT_DECAY = 0.1  # decoupled weight decay, on matrices only
+GRAD_CLIP = 1.0  # clip the gradient norm to this (0 = off)
+DTYPE = "auto"  # auto (bf16 where supported, fp16 + GradScaler on older GPUs, else fp32), bfloat16, float16, float32
+COMPILE = True  # torch.compile the model (eager, with a warning, where the platform has no compiler)
+COMPILE_MODE = "auto"  # auto (max-autotune on CUDA, default elsewhere), default, reduce-overhead, max-autotune
+ACTIVATION_CHECKPOINTING = False  # recompute activations in backward; turned on by itself when that makes it fit
+EVAL_INTERVAL = 200  # evaluate (val loss, perplexity, bits per byte, a sample) every N steps
+EVAL_STEPS = 20  # validation batches per evaluation
+CHECKPOINT_INTERVAL = 200  # save a checkpoint every N steps
+KEEP_CHECKPOINTS = 2  # keep the newest N checkpoints, plus the best by validation loss
+RESUME = ""  # auto: continue from the newest checkpoint in OUT_DIR (fresh start if none); or a checkpoint dir
+SEED = 1337  # initial weights, batch order and samples
+PARALLEL = "none"  # multi-GPU strategy; only none so far (torchrun DDP/FSDP is planned)
+LOG_INTERVAL = 50  # print a CPU/RAM/GPU line every N steps
+MAX_BAD_STEPS = 3  # NaN/inf losses in a row that are skipped before the run stops at its last checkpoint
+_FLAG_DEFAULTS = script_constants(globals())  # taken here: the tables below are not flags
+
+# Hardware presets: the settings each fills in (explicit flags win), and the memory it is sized for (GiB).
+# The training memory each needs is predicted with modern_llm.estimate_training_memory before anything runs.
+HARDWARE = {
+    "cpu": dict(memory_gib=None, model="small", batch_size=8, grad_accum=1, seq_len=256, lr=2e-3, min_lr=2e-4,
+                warmup_steps=30, max_steps=0, max_minutes=6.0, eval_interval=100, eval_steps=10,
+                checkpoint_interval=100, log_interval=100),
+    "rtx3060": dict(memory_gib=8, model="125m", batch_size=4, grad_accum=8, seq_len=1024, lr=6e-4, min_lr=6e-5),
+    # the reference: 730m at seq 384, micro-batch 5 x 8; predicted 13 GiB, so activation checkpointing goes on
+    "rtx4070ti": dict(memory_gib=12, model="730m", batch_size=5, grad_accum=8, seq_len=384, lr=3e-4, min_lr=3e-5),
+    "rtx4090": dict(memory_gib=24, model="730m", batch_size=16, grad_accum=4, seq_len=384, lr=3e-4, min_lr=3e-5),
+    "h100": dict(memory_gib=80, model="1.5b", batch_size=4, grad_accum=8, seq_len=2048, lr=3e-4, min_lr=3e-5),
+}
+# Dense BF16 tensor-core TFLOP/s with fp32 accumulation (NVIDIA spec sheets), for MFU; first name match wins.
+GPU_PEAK_TFLOPS = {"RTX 3060": 25.4, "RTX 4070 Ti": 80.2, "RTX 4090": 165.2, "A100": 312.0, "H100 PCIe": 756.0,
+                   "H100": 989.4, "H200": 989.4}
+TRAINING_STATE = "training_state.pt"  # optimizer, GradScaler and RNG states, beside a checkpoint's weights
+NOT_INHERITED = ("resume", "out_dir", "stop_after")  # settings a resumed run does not take from the saved run
+GiB = 2**30
+
+# -----------------------------------------------------------------------------
+# Setup: flags, device, precision, memory
+
+
+def validate(cfg: dict) -> None:
+    """Every setting checked before anything is read or written, one clear line per mistake."""
+    choices = {"schedule": ("cosine", "wsd"), "optimizer": ("adamw", "muon"),
+               "dtype": ("auto", "bfloat16", "float16", "float32"), "parallel": ("none",),
+               "compile_mode": ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")}
+    for name, allowed in choices.items():
+        if cfg[name] not in allowed:
+            raise UserError(f"--{name}={cfg[name]!r} is not one of: {', '.join(allowed)}", "Configuration")
+    for name in ("batch_size", "grad_accum", "seq_len", "lr", "eval_interval", "eval_steps", "checkpoint_interval",
+                 "keep_checkpoints", "log_interval", "max_bad_steps", "vocab_size"):
+        if not cfg[name] > 0:  # `not >` also refuses NaN
+            raise UserError(f"--{name} must be positive, got {cfg[name]}", "Configuration")
+    for name in ("max_steps", "max_minutes", "stop_after", "warmup_steps", "min_lr", "weight_decay", "grad_clip",
+                 "max_tokens"):
+        if not cfg[name] >= 0:
+            raise UserError(f"--{name} must be >= 0, got {cfg[name]}", "Configuration")
+    if cfg["max_steps"] == 0 and cfg["max_minutes"] == 0:
+        raise UserError("give the run a length: --max_steps=N or --max_minutes=M", "Configuration")
+    if cfg["min_lr"] > cfg["lr"]:
+        raise UserError(f"--min_lr ({cfg['min_lr']}) is above --lr ({cfg['lr']})", "Configuration")
+    if not 0 < cfg["decay_fraction"] <= 1:
+        raise UserError(f"--decay_fraction must be in (0, 1], got {cfg['decay_fraction']}", "Configuration")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device={name!r} is not a device: use cpu, cuda, cuda:N or mps", "Configuration") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device=cuda, but PyTorch sees no CUDA GPU (a CPU-only build, or no driver): "
+                            "use --device=cpu, or install the CUDA build of PyTorch", "Configuration")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise UserError(f"--device={name}: there are only {torch.cuda.device_count()} GPUs", "Configuration")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device=mps, but this machine has no Apple GPU backend: use --device=cpu", "Configuration")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device={name!r}: only cpu, cuda and mps are supported", "Configuration")
+    return device
+
+
+def choose_preset(name: str, device: torch.device) -> str:
+    """`auto`: cpu off CUDA; on CUDA the largest preset whose memory the GPU has (90%: 12 GB cards report 11.7)."""
+    if name != "auto":
+        return name
+    if device.type != "cuda":
+        return "cpu"
+    total = torch.cuda.get_device_properties(device).total_memory / GiB
+    fitting = [p for p, s in HARDWARE.items() if s["memory_gib"] and s["memory_gib"] * 0.9 <= total]
+    return max(fitting, key=lambda p: HARDWARE[p]["memory_gib"], default="rtx3060")
+
+
+def apply_preset(cfg: dict, given: set[str], preset: str) -> None:
+    for name, value in HARDWARE[preset].items():
+        if name in cfg and name not in given:
+            cfg[name] = value
+
+
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls run at ~2-4x fp32 (NOTES.md: 2.7x training speed here); without them
+    bf16 is emulated and slower than fp32. (torch.cpu's probes are private, so absent ones count as no.)"""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None: plain fp32). Weights, gradients and optimizer state stay fp32 either way."""
+    if name == "auto":
+        if device.type == "cuda":
+            name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            name = "bfloat16" if device.type == "cpu" and cpu_has_bf16() else "float32"
+    if name == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("this GPU has no bf16: use --dtype=float16 (loss scaling is automatic) or --dtype=float32",
+                        "Configuration")
+    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def memory_budget(device: torch.device, preset: str) -> tuple[int, str]:
+    """Bytes a run may use: the GPU's memory (capped at the preset's, less ~0.5 GiB of CUDA context), or RAM."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        cap = HARDWARE[preset]["memory_gib"]
+        if cap and cap * GiB < total:  # emulate the smaller card the preset is sized for
+            torch.cuda.set_per_process_memory_fraction(cap * GiB / total, device)
+            total = cap * GiB
+        return int(total - 0.5 * GiB), torch.cuda.get_device_name(device)
+    import psutil
+
+    return psutil.virtual_memory().total, "this machine's RAM"
+
+
+def plan_memory(cfg: dict, given: set[str], model_cfg, device: torch.device, preset: str,
+                autocast: torch.dtype | None) -> None:
+    """Print the predicted peak memory; turn activation checkpointing on where that is what makes the run fit
+    (unless the user said no); refuse, naming the knobs, a run that cannot fit."""
+    def predict(checkpointing: bool) -> dict:
+        return estimate_training_memory(model_cfg, cfg["batch_size"], cfg["seq_len"], cfg["optimizer"],
+                                        checkpointing, autocast is not None)
+
+    budget, where = memory_budget(device, preset)
+    need = predict(cfg["activation_checkpointing"])
+    if (need["total"] > budget and not cfg["activation_checkpointing"] and "activation_checkpointing" not in given
+            and predict(True)["total"] <= budget):
+        print(f"activation checkpointing on: without it the run needs {need['total'] / GiB:.1f} GiB")
+        cfg["activation_checkpointing"] = True
+        need = predict(True)
+    parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in need.items() if k != "total")
+    print(f"predicted peak memory {need['total'] / GiB:.2f} GiB of {budget / GiB:.1f} GiB ({where}): {parts}")
+    if need["total"] > budget:
+        raise UserError(f"this run needs about {need['total'] / GiB:.1f} GiB but {where} has {budget / GiB:.1f} GiB: "
+                        "lower --batch_size (raise --grad_accum to keep the tokens per step), lower --seq_len, "
+                        "set --activation_checkpointing=true, use --optimizer=muon, or a smaller --model",
+                        "Out of memory")
+
+
+def find_resume(cfg: dict) -> Path | None:
+    """The checkpoint to continue from, or None for a fresh run. A fresh run never overwrites another run."""
+    out = Path(cfg["out_dir"])
+    existing = list_checkpoints(out) if out.is_dir() else []
+    if cfg["resume"] == "auto":
+        return existing[-1] if existing else None
+    if cfg["resume"]:
+        found = list_checkpoints(cfg["resume"]) if Path(cfg["resume"]).is_dir() else []
+        path = found[-1] if found else resolve_checkpoint(cfg["resume"])
+        if not (path / TRAINING_STATE).is_file() or not (path / modern_llm.STATE_FILE).is_file():
+            raise UserError(f"--resume={cfg['resume']}: {path} holds no training state ({TRAINING_STATE}); only "
+                            "checkpoints written by this script can be resumed", "Resuming a run")
+        return path
+    if existing or is_complete_checkpoint(out):
+        raise UserError(f"{out} already holds a training run: continue it with --resume=auto, or start a new one "
+                        "with another --out_dir", "Resuming a run")
+    return None
+
+
+def trainer_state(path: Path) -> dict:
+    try:
+        return json.loads((path / modern_llm.STATE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / modern_llm.STATE_FILE} is unreadable ({e})") from None
+
+
+def check_same_model(path: Path, model_cfg) -> None:
+    saved = read_config(path)
+    if saved != model_cfg:
+        def shape(c):
+            return f"{c.n_layer} layers, d_model {c.d_model}, {c.n_head}/{c.n_kv_head} heads, vocab {c.vocab_size}"
+        raise UserError(f"--resume: {path} holds another model ({shape(saved)}) than this run builds "
+                        f"({shape(model_cfg)}): resume with that run's --model and tokenizer, or start a new run "
+                        "in another --out_dir", "Resuming a run")
+
+
+# -----------------------------------------------------------------------------
+# Model, optimizer, schedule
+
+
+def build_model(model_cfg, device: torch.device, cfg: dict) -> LLM:
+    """The model with its initial weights (seeded), on the device. A resumed run then loads its weights."""
+    torch.manual_seed(cfg["seed"])
+    model = LLM(model_cfg).to(device)
+    model.activation_checkpointing = cfg["activation_checkpointing"]
+    return model
+
+
+def compile_model(model: LLM, cfg: dict, device: torch.device):
+    """torch.compile, or the model itself (with a warning) where the platform cannot compile. The uncompiled
+    module is still used for evaluation, samples and saving, so checkpoints have no `_orig_mod.` prefixes."""
+    if not cfg["compile"]:
+        return model
+    from torch.utils._triton import has_triton
+
+    if device.type == "cuda" and not has_triton():
+        print("warning: torch.compile needs Triton on CUDA (pip install triton; on Windows triton-windows): "
+              "training eager")
+        return model
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "clang++", "cl")):
+        print("warning: torch.compile needs a C++ compiler on CPU (g++, clang++ or MSVC): training eager")
+        return model
+    mode = cfg["compile_mode"]
+    if mode == "auto":
+        mode = "max-autotune" if device.type == "cuda" else "default"
+    torch._dynamo.config.suppress_errors = True  # a compiler failure falls back to eager with a warning
+    return torch.compile(model, mode=None if mode == "default" else mode)
+
+
+def lr_factor(step: int, cfg: dict, max_steps: int | None) -> float:
+    """Learning rate / LR at `step`: linear warm-up, then cosine or warmup-stable-decay down to MIN_LR.
+    Before a time-budgeted run knows its length (max_steps None) it holds the peak."""
+    warmup, floor = cfg["warmup_steps"], cfg["min_lr"] / cfg["lr"]
+    if step < warmup:
+        return (step + 1) / warmup
+    if max_steps is None:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    if cfg["schedule"] == "cosine":
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    stable = 1 - cfg["decay_fraction"]
+    return 1.0 if progress < stable else 1 - (1 - floor) * (progress - stable) / cfg["decay_fraction"]
+
+
+def plan_steps(step: int, seconds_per_step: float, seconds_left: float, eval_seconds: float, cfg: dict) -> int:
+    """The schedule's length that spends the time left: steps, plus the evaluations among them and the final one."""
+    per_step = seconds_per_step + eval_seconds / cfg["eval_interval"]
+    planned = step + max(1, int((seconds_left - eval_seconds) / per_step))
+    return min(planned, cfg["max_steps"]) if cfg["max_steps"] else planned
+
+
+# -----------------------------------------------------------------------------
+# One optimizer step
+
+
+def train_step(model, optimizer, scaler: torch.amp.GradScaler, micro_batches: list, autocast,
+               grad_clip: float) -> tuple[float, float] | None:
+    """Forward/backward over the micro-batches, then one clipped update. Each micro-batch's loss is divided by
+    their number, so the summed gradient is the mean over all of them: 2 x 4 updates as 8 x 1 does.
+    Returns (loss, gradient norm), or None when the loss or the gradient was not finite and the update was
+    skipped (with fp16, GradScaler skips inf gradients by itself and lowers its scale)."""
+    loss_sum = 0.0
+    for x, y in micro_batches:
+        with autocast:
+            loss = model(x, y) / len(micro_batches)
+        scaler.scale(loss).backward()
+        loss_sum = loss_sum + loss.detach().float()  # stays on the device: one sync per step, below
+    loss_sum = float(loss_sum)
+    scaler.unscale_(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    finite = math.isfinite(loss_sum) and (scaler.is_enabled() or math.isfinite(norm.item()))
+    if finite:
+        scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return (loss_sum, norm.item()) if finite else None
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(model: LLM, loader, steps: int, autocast, device, bytes_per_token: float) -> dict:
+    """Mean validation loss over the same `steps` batches every time, so evaluations compare; perplexity; and
+    bits per byte, which compares across tokenizers (the loss is per token, tokens differ in bytes)."""
+    model.eval()
+    total = 0.0
+    for i in range(steps):
+        x, y = loader.get_batch(i, 0, device)
+        with autocast:
+            total += model(x, y).item()
+    model.train()
+    loss = total / steps
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpb": loss / math.log(2) / bytes_per_token}
+
+
+def sample(model: LLM, tokenizer, start_id: int, tokens: int, autocast, device, seed: int) -> str:
+    """A short sample from a document boundary, on its own RNG so sampling never changes training."""
+    model.eval()
+    g = torch.Generator(device=device).manual_seed(seed)
+    tokens = min(tokens, model.cfg.max_seq_len - 1)
+    with autocast:
+        out = model.generate(torch.tensor([[start_id]], device=device), tokens, temperature=0.8, top_k=50,
+                             generator=g)
+    model.train()
+    return tokenizer.decode(out[0, 1:].tolist(), skip_special_tokens=True)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: Hugging Face directories plus the training state
+
+
+def remove_dir(path: Path) -> None:
+    """Rename first, then delete: a kill mid-way leaves a hidden leftover, never a half-deleted checkpoint."""
+    trash = path.with_name(f".{path.name}.deleting")
+    os.replace(path, trash)
+    shutil.rmtree(trash)
+
+
+def save_training_checkpoint(out: Path, step: int, model: LLM, optimizer, scaler, tokenizer, record: dict,
+                             token_ids: dict) -> Path:
+    """OUT_DIR/checkpoint-<step>: weights, config and tokenizer (loadable by transformers as it is), plus
+    trainer_state.json and the optimizer, GradScaler and RNG states, everything written atomically."""
+    def extra(tmp: Path) -> None:
+        tokenizer.save_pretrained(str(tmp))
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng},
+                   tmp / TRAINING_STATE)
+        (tmp / modern_llm.STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+    path = out / f"{modern_llm.CHECKPOINT_PREFIX}{step}"
+    if path.exists():  # only when resuming from an older checkpoint of the same run
+        remove_dir(path)
+    return save_checkpoint(model, path, extra=extra, token_ids=token_ids)
+
+
+def save_final_model(out: Path, model: LLM, tokenizer, token_ids: dict, step: int, best: float | None) -> None:
+    """The final model at OUT_DIR itself, as the Hugging Face Trainer leaves it: from_pretrained(OUT_DIR) works."""
+    def extra(tmp: Path) -> None:
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / modern_llm.STATE_FILE).write_text(json.dumps({"global_step": step, "best_val_loss": best}) + "\n")
+
+    save_checkpoint(model, out, extra=extra, token_ids=token_ids)
+
+
+def prune_checkpoints(out: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints and the best by validation loss (trainer_state.json's val_loss)."""
+    found = list_checkpoints(out)
+    scored = [(trainer_state(p).get("val_loss"), p) for p in found]
+    scored = [(v, p) for v, p in scored if v is not None and math.isfinite(v)]
+    best = min(scored, key=lambda vp: vp[0])[1] if scored else None
+    for p in found[:-keep]:
+        if p != best:
+            remove_dir(p)
+
+
+def restore(path: Path, model: LLM, optimizer, scaler) -> None:
+    """Weights, optimizer, GradScaler and RNG states of a checkpoint (weights_only: no code is unpickled)."""
+    load_weights(model, load_state_dict(path), str(path))
+    try:
+        state = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+    except (OSError, RuntimeError, KeyError, ValueError) as e:
+        raise UserError(f"--resume: {path / TRAINING_STATE} does not load into this run's optimizer "
+                        f"({str(e).splitlines()[0]}): resume with that run's --optimizer", "Resuming a run") from None
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+# -----------------------------------------------------------------------------
+# Monitoring
+
+
+def peak_flops(device: torch.device, autocast: torch.dtype | None) -> float | None:
+    """FLOP/s that MFU divides by: a GPU's spec-sheet BF16 figure, or on a CPU a matmul measured once in the
+    training dtype (CPUs differ too much in cores, AVX-512 and bf16 units for a table)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((tf * 1e12 for gpu, tf in GPU_PEAK_TFLOPS.items() if gpu in name), None)
+    if device.type != "cpu":
+        return None
+    n, reps = 1024, 10
+    a = torch.randn(n, n, dtype=autocast or torch.float32)
+    a @ a  # warm-up
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ a
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def system_line(device: torch.device) -> str:
+    """CPU and RAM (psutil), and on NVIDIA GPUs utilisation, temperature and power (nvidia-ml-py)."""
+    import psutil
+
+    vm = psutil.virtual_memory()
+    parts = [f"cpu {psutil.cpu_percent():.0f}%", f"ram {vm.used / GiB:.1f}/{vm.total / GiB:.1f} GiB",
+             f"process {psutil.Process().memory_info().rss / GiB:.2f} GiB"]
+    if device.type == "cuda":
+        try:
+            import pynvml
+        except ImportError:
+            return " | ".join(parts + ["GPU figures need: pip install nvidia-ml-py"])
+        try:
+            pynvml.nvmlInit()
+            h = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+            parts.append(f"gpu {pynvml.nvmlDeviceGetUtilizationRates(h).gpu}% "
+                         f"{pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU)}C "
+                         f"{pynvml.nvmlDeviceGetPowerUsage(h) / 1000:.0f} W")
+        except pynvml.NVMLError as e:
+            parts.append(f"gpu figures unavailable ({e})")
+    return " | ".join(parts)
+
+
+def memory_in_use(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / GiB:.1f}G"
+    import psutil
+
+    return f"{psutil.Process().memory_info().rss / GiB:.1f}G rss"
+
+
+class Monitor:
+    """Where the figures go: OUT_DIR/metrics.jsonl (a line per step and per evaluation), loss.png (redrawn at
+    each evaluation), TensorBoard when installed, and the tqdm bar. A resumed run keeps the lines up to its
+    step and drops those of the steps it will redo."""
+
+    def __init__(self, out: Path, start_step: int, total: int | None):
+        from tqdm import tqdm
+
+        self.path, self.png = out / "metrics.jsonl", out / "loss.png"
+        self.history = []
+        if start_step and self.path.is_file():
+            lines = self.path.read_text().splitlines()
+            self.history = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= start_step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        os.replace(tmp, self.path)
+        self.file = open(self.path, "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:  # TensorBoard is optional: pip install tensorboard
+            self.tb = None
+        self.bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def log(self, record: dict) -> None:
+        self.history.append(record)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def plot(self) -> None:
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(8, 4.5))
+        ax = fig.subplots()
+        for key, style, label in (("loss", "-", "train"), ("val_loss", "o-", "validation")):
+            points = [(r["step"], r[key]) for r in self.history if key in r]
+            if points:
+                ax.plot(*zip(*points), style, lw=1, label=label)
+        ax.set(xlabel="step", ylabel="loss (nats per token)", title="training loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        tmp = self.png.with_name(".loss.tmp.png")
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, self.png)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.file.close()
+        if self.tb:
+            self.tb.close()
+
+
+@contextmanager
+def stop_requests():
+    """Ctrl-C and SIGTERM ask the loop to stop at the next step boundary, where it saves a checkpoint; a second
+    Ctrl-C interrupts at once. Yields the list the signal names are appended to."""
+    requested: list[str] = []
+
+    def handler(signum, frame):
+        if requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        requested.append(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def main(argv: list[str]) -> int:
+    cfg, given = parse_flags(_FLAG_DEFAULTS, argv, __file__, usage=__doc__)
+    typed = set(given)
+    resume = find_resume(cfg)
+    saved = trainer_state(resume) if resume else {}
+    for name, value in saved.get("config", {}).items():  # a resumed run keeps its settings unless given again
+        if name in cfg and name not in given and name not in NOT_INHERITED:
+            cfg[name] = value
+            given.add(name)
+    if cfg["preset"] not in ("auto", *HARDWARE):
+        raise UserError(f"--preset={cfg['preset']!r} is not one of: auto, {', '.join(HARDWARE)}", "Hardware presets")
+    device = pick_device(cfg["device"])
+    preset = choose_preset(cfg["preset"], device)
+    apply_preset(cfg, given, preset)
+    validate(cfg)
+    autocast_to = autocast_dtype(cfg["dtype"], device)
+
+    # Data and model shape; everything is checked before OUT_DIR is touched
+    data_dir = prepare_data.prepare(cfg["dataset"], cfg["data_root"], cfg["vocab_size"], cfg["tokenizer"] or None,
+                                    max_tokens=cfg["max_tokens"] or None)
+    meta = prepare_data.load_meta(data_dir)
+    model_cfg = model_preset(cfg["model"], vocab_size=meta["vocab_size"])
+    if cfg["seq_len"] > model_cfg.max_seq_len:
+        raise UserError(f"--seq_len={cfg['seq_len']} is above the {cfg['model']} model's maximum of "
+                        f"{model_cfg.max_seq_len}", "Configuration")
+    if resume:
+        check_same_model(resume, model_cfg)
+    train_data = prepare_data.BatchLoader(data_dir, "train", cfg["batch_size"], cfg["seq_len"], cfg["seed"])
+    val_data = prepare_data.BatchLoader(data_dir, "val", cfg["batch_size"], cfg["seq_len"], cfg["seed"])
+    tokenizer = prepare_data.load_tokenizer(meta["tokenizer_dir"])
+    plan_memory(cfg, given, model_cfg, device, preset, autocast_to)
+
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        torch.backends.cuda.matmul.allow_tf32 = True  # Ampere+: fp32 matmuls on tensor cores, ~10 mantissa bits
+        torch.backends.cudnn.allow_tf32 = True
+    out = Path(cfg["out_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    for leftover in out.glob(f".{modern_llm.CHECKPOINT_PREFIX}*"):  # half-written or half-deleted by a killed run
+        shutil.rmtree(leftover, ignore_errors=True)
+    model = build_model(model_cfg, device, cfg)
+    optimizer = build_optimizer(model, cfg["optimizer"], lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_to == torch.float16)
+    start_step, max_steps = 0, None if cfg["max_minutes"] else cfg["max_steps"]
+    if resume:
+        restore(resume, model, optimizer, scaler)
+        start_step = saved["global_step"]
+        if "max_steps" in typed:
+            max_steps = cfg["max_steps"]
+        elif "max_minutes" not in typed:
+            max_steps = saved.get("max_steps")
+        print(f"resuming from {resume} at step {start_step}")
+    train_model = compile_model(model, cfg, device)
+    autocast = torch.autocast(device.type, dtype=autocast_to or torch.float32, enabled=autocast_to is not None)
+    token_ids = {"bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id}
+    tokens_per_step = cfg["batch_size"] * cfg["grad_accum"] * cfg["seq_len"]
+    flops_per_step = flops_per_token(model_cfg, cfg["seq_len"]) * tokens_per_step
+    peak = peak_flops(device, autocast_to)
+    bytes_per_token = meta["val_bytes"] / meta["val_tokens"]
+    print(f"{cfg['model']} model, {count_params(model_cfg) / 1e6:.1f}M parameters | preset {preset} | {device} "
+          f"{str(autocast_to or torch.float32).removeprefix('torch.')} | {cfg['optimizer']} | compile "
+          f"{train_model is not model} | activation checkpointing {cfg['activation_checkpointing']} | "
+          f"{tokens_per_step:,} tokens/step ({cfg['batch_size']} x {cfg['grad_accum']} x {cfg['seq_len']}) | "
+          f"data {data_dir}")
+
+    monitor = Monitor(out, start_step, max_steps)
+    best = saved.get("best_val_loss")
+    step, bad, last_eval, eval_step, eval_seconds = start_step, 0, None, None, 0.0
+    t_start = time.time()
+    deadline = t_start + 60 * cfg["max_minutes"] if max_steps is None else None
+    timing = None  # (time, step) once the first steps (compilation) are past, to measure the step time
+    last_saved = resume
+    code = 0
+    with stop_requests() as stop:
+        try:
+            while True:
+                finished = max_steps is not None and step >= max_steps
+                eval_due = step % cfg["eval_interval"] == 0 and (step != start_step or step == 0)
+                if eval_due or finished:
+                    t = time.time()
+                    last_eval, eval_step = evaluate(model, val_data, cfg["eval_steps"], autocast, device,
+                                                    bytes_per_token), step
+                    best = last_eval["val_loss"] if best is None else min(best, last_eval["val_loss"])
+                    text = sample(model, tokenizer, token_ids["eos_id"], 32, autocast, device, cfg["seed"] + step)
+                    eval_seconds = time.time() - t
+                    monitor.log({"step": step, **last_eval})
+                    monitor.plot()
+                    monitor.bar.write(f"step {step}: val loss {last_eval['val_loss']:.4f}, perplexity "
+                                      f"{last_eval['val_ppl']:.1f}, {last_eval['val_bpb']:.3f} bits/byte | "
+                                      f"{text!r}")
+                session_ends = finished or bool(stop) or 0 < cfg["stop_after"] <= step
+                if step != start_step and bad == 0 and (step % cfg["checkpoint_interval"] == 0 or session_ends):
+                    record = {"global_step": step, "max_steps": max_steps, "best_val_loss": best,
+                              "val_loss": last_eval["val_loss"] if eval_step == step else None,
+                              "tokens_seen": step * tokens_per_step, "config": cfg}
+                    last_saved = save_training_checkpoint(out, step, model, optimizer, scaler, tokenizer, record,
+                                                          token_ids)
+                    prune_checkpoints(out, cfg["keep_checkpoints"])
+                if finished:
+                    save_final_model(out, model, tokenizer, token_ids, step, best)
+                if session_ends:
+                    break
+
+                # one optimizer step
+                for g in optimizer.param_groups:
+                    g["lr"] = g["base_lr"] * lr_factor(step, cfg, max_steps)
+                t = time.time()
+                micro = [train_data.get_batch(step, m, device) for m in range(cfg["grad_accum"])]
+                result = train_step(train_model, optimizer, scaler, micro, autocast, cfg["grad_clip"])
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                dt = time.time() - t
+                step += 1
+                if result is None:
+                    bad += 1
+                    monitor.log({"step": step, "skipped": "non-finite loss or gradient"})
+                    if bad >= cfg["max_bad_steps"]:
+                        where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint yet"
+                        raise UserError(f"the loss was NaN/inf {bad} steps in a row (step {step}): stopped without "
+                                        f"saving; {where}. Lower --lr, raise --warmup_steps or use --dtype=bfloat16, "
+                                        "then --resume=auto", "Loss is NaN or inf")
+                    continue
+                bad = 0
+                loss, norm = result
+                tok_s = tokens_per_step / dt
+                mfu = flops_per_step / dt / peak if peak else None
+                monitor.log({"step": step, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": norm,
+                             "tokens_per_s": tok_s, "mfu": mfu, "elapsed_s": time.time() - t_start})
+                monitor.bar.update()
+                monitor.bar.set_postfix_str(f"loss {loss:.3f} lr {optimizer.param_groups[0]['lr']:.2e} "
+                                            f"{tok_s:,.0f} tok/s mfu {f'{mfu:.1%}' if mfu else 'n/a'} "
+                                            f"mem {memory_in_use(device)}")
+                if step % cfg["log_interval"] == 0:
+                    monitor.bar.write(f"step {step}: {system_line(device)}")
+
+                # a time budget: once the first steps (compilation) are past, measure, then fix the length
+                if max_steps is None:
+                    if timing is None and step >= start_step + 2:
+                        timing = (time.time(), step)
+                    elif timing and step >= max(cfg["warmup_steps"], timing[1] + 5):
+                        per_step = (time.time() - timing[0]) / (step - timing[1])
+                        max_steps = plan_steps(step, per_step, deadline - time.time(), eval_seconds, cfg)
+                        monitor.bar.total = max_steps
+                        monitor.bar.write(f"{per_step:.2f} s/step: the {cfg['max_minutes']:g}-minute budget "
+                                          f"allows {max_steps} steps")
+        except torch.OutOfMemoryError:
+            raise UserError(f"out of GPU memory at step {step}: lower --batch_size (raise --grad_accum to keep the "
+                            "tokens per step), lower --seq_len, set --activation_checkpointing=true or use "
+                            f"--optimizer=muon; the last checkpoint is {last_saved}", "Out of memory") from None
+        finally:
+            monitor.close()
+        if stop:
+            print(f"stopped by {stop[0]} at step {step}: saved {last_saved}; continue with --resume=auto")
+            code = 130 if stop[0] == "SIGINT" else 143
+
+    if finished:
+        elapsed = time.time() - t_start
+        trained = (step - start_step) * tokens_per_step
+        print(f"\ndone: {step} steps, val loss {last_eval['val_loss']:.4f} (perplexity {last_eval['val_ppl']:.1f}, "
+              f"{last_eval['val_bpb']:.3f} bits/byte), {elapsed / 60:.1f} min, {trained / elapsed:,.0f} tokens/s")
+        text = sample(model, tokenizer, token_ids["eos_id"], 100, autocast, device, cfg["seed"])
+        print(f"sample:\n{text}\n")
+        print(f"model saved to {out}/ (checkpoints: {', '.join(p.name for p in list_checkpoints(out))}); try:\n"
+              f"  python text_generator.py --checkpoint={out}")
+    elif not stop:
+        print(f"stopped after step {step} (--stop_after): saved {last_saved}; continue with --resume=auto")
+    return code
+
+
+if __name__ == "__main__":
+    run_main(main)
