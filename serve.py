@@ -25,13 +25,14 @@ import time
 import traceback
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, AsyncIterator, Literal
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.background import BackgroundTask
@@ -46,8 +47,8 @@ PORT = 8000  # TCP port to listen on (0 picks a free one)
 API_KEY = ""  # if set, every route but /health needs the header "Authorization: Bearer API_KEY"
 MODEL_NAME = ""  # model id in responses and /v1/models (default: the checkpoint directory's name)
 DEVICE = "auto"  # auto, cpu, cuda, cuda:1, mps
-DTYPE = "auto"  # auto, float32, bfloat16, float16
-QUANTIZE = ""  # weight quantization the engine supports (see text_generator.py); empty for none
+DTYPE = "auto"  # auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16
+QUANTIZE = ""  # "int8": weight-only int8 (faster decoding, a quarter of the weight bytes); empty for none
 COMPILE = False  # torch.compile the decode step (slow start, faster tokens)
 MAX_BATCH_SIZE = 16  # most rows (prompts x n) decoded together; also the most one request may ask for
 MAX_QUEUE = 64  # most requests waiting for a batch; one more answers 503
@@ -121,8 +122,8 @@ class SamplingRequest(BaseModel):
     @classmethod
     def null_means_default(cls, value, info):
         """Some clients send `"temperature": null` for "not set"; OpenAI reads it as the default."""
-        field = cls.model_fields[info.field_name]
-        return field.get_default() if value is None and not field.is_required() else value
+        spec = cls.model_fields[info.field_name]
+        return spec.get_default() if value is None and not spec.is_required() else value
 
     def refuse_unsupported(self) -> None:
         for name in UNSUPPORTED:
@@ -186,7 +187,7 @@ async def read_json(request: Request) -> Any:
 # -----------------------------------------------------------------------------
 # The scheduler: a queue of jobs in front of one worker thread that decodes them in batches
 
-DONE = "done"  # the worker's last message to a job
+DONE = object()  # the worker's last message to a job
 
 
 @dataclass(eq=False)  # hashable by identity
@@ -194,7 +195,7 @@ class Job:
     """One request: its rows (prompt token ids, sampling parameters) and the queue its events arrive on."""
 
     prompts: list[list[int]]
-    params: list
+    params: list[SamplingParams]
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     cancelled: bool = False
@@ -218,7 +219,7 @@ class Scheduler:
         self.cond = threading.Condition()
         threading.Thread(target=self.work, name="engine", daemon=True).start()
 
-    def submit(self, prompts: list[list[int]], params: list) -> Job:
+    def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> Job:
         """Queue a request (call from the event loop); 503 when the queue is full."""
         job = Job(prompts, params, asyncio.get_running_loop(), asyncio.Queue())
         with self.cond:
@@ -284,7 +285,7 @@ class Scheduler:
 
 async def job_events(job: Job) -> AsyncIterator[list]:
     """The (row, TokenEvent) lists of each decode step, until the job ends."""
-    while (item := await job.events.get()) != DONE:
+    while (item := await job.events.get()) is not DONE:
         if isinstance(item, UserError):
             raise APIError(400, item.args[0])
         if isinstance(item, Exception):
@@ -304,7 +305,10 @@ def prompt_token_ids(engine, req: SamplingRequest) -> list[list[int]]:
             raise APIError(400, "this checkpoint's tokenizer has no chat template; use /v1/completions",
                            param="messages")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except TemplateError as e:  # templates may refuse a conversation, e.g. roles that do not alternate
+            raise APIError(400, f"the chat template refused the messages: {e}", param="messages") from None
         return [encode(tok, text)]
     prompts = req.prompt if isinstance(req.prompt, list) and req.prompt else [req.prompt]
     if isinstance(prompts[0], int):  # one prompt given as token ids
@@ -321,7 +325,8 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def engine_rows(engine, req: SamplingRequest, prompts: list[list[int]], max_rows: int) -> tuple[list[list[int]], list]:
+def engine_rows(engine, req: SamplingRequest, prompts: list[list[int]],
+                max_rows: int) -> tuple[list[list[int]], list[SamplingParams]]:
     """n rows per prompt (choice index = prompt * n + j), each with its SamplingParams, checked against the
     context: OpenAI refuses a request whose prompt plus max_tokens exceeds it, rather than cutting it short."""
     rows = len(prompts) * req.n
@@ -331,6 +336,7 @@ def engine_rows(engine, req: SamplingRequest, prompts: list[list[int]], max_rows
     context, vocab = engine.max_seq_len, engine.model.cfg.vocab_size
     asked = req.max_completion_tokens or req.max_tokens
     param = "messages" if isinstance(req, ChatRequest) else "prompt"
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     row_prompts, row_params = [], []
     for p in prompts:
         if not p:
@@ -342,10 +348,10 @@ def engine_rows(engine, req: SamplingRequest, prompts: list[list[int]], max_rows
         new = asked or context - len(p)
         for j in range(req.n):
             params = SamplingParams(
-                max_new_tokens=new, temperature=req.temperature, top_k=min(req.top_k, vocab), top_p=req.top_p, min_p=req.min_p,
-                repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
-                frequency_penalty=req.frequency_penalty, stop=[req.stop] if isinstance(req.stop, str) else
-                list(req.stop or []), seed=None if req.seed is None else req.seed + j)
+                max_new_tokens=new, temperature=req.temperature, top_k=min(req.top_k, vocab), top_p=req.top_p,
+                min_p=req.min_p, repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty, stop=stop,
+                seed=None if req.seed is None else req.seed + j)  # choice j of seed s = choice 0 of seed s + j
             try:
                 params.validate()
             except UserError as e:
@@ -365,8 +371,8 @@ class Reply:
 
     chat: bool
     model: str
-    id: str = ""
-    created: int = 0
+    id: str = field(init=False)
+    created: int = field(init=False)
 
     def __post_init__(self):
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex

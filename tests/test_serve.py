@@ -113,6 +113,9 @@ def test_openai_client_chat_and_streaming_chat(client, engine):
 
 def test_models_health_and_api_key(url, client):
     assert [m.id for m in client.models.list()] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError, match="not found"):
+        client.models.retrieve("gpt-4")
     assert httpx.get(url + "/health").json()["status"] == "ok"  # no key needed
     bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError, match="API key"):
@@ -145,6 +148,17 @@ def test_n_choices_and_seed(client):
     assert len(three) == 3 and len(set(three)) > 1  # each choice samples on its own
     assert ask(3) == three  # a seed makes the request reproducible
     assert ask(1) == three[:1]
+
+
+def test_several_prompts_and_n_stream_as_separate_choices(client, engine):
+    prompts = ["Hello", "The quick brown fox"]
+    parts = client.completions.create(model="tiny", prompt=prompts, n=2, max_tokens=6, temperature=0, stream=True)
+    texts = {}
+    for chunk in parts:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    want = [greedy(engine, serve.encode(engine.tokenizer, p), 6).text for p in prompts]
+    assert texts == {0: want[0], 1: want[0], 2: want[1], 3: want[1]}  # choice = prompt * n + j
 
 
 def test_stop_string_ends_the_completion(client, engine):
@@ -208,6 +222,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "max_tokens": "5"}, {}, 400, "valid integer"),
     ("/v1/completions", {"prompt": "hi", "temperature": -1}, {}, 400, "temperature"),
     ("/v1/completions", {"prompt": "hi", "top_p": 2}, {}, 400, "top_p"),
+    ("/v1/completions", b'{"prompt": "hi", "temperature": NaN}', {}, 400, "finite number"),
+    ("/v1/completions", {"prompt": "hi", "seed": -1}, {}, 400, "seed"),
     ("/v1/completions", {"prompt": "hi", "stream": 1}, {}, 400, "stream"),
     ("/v1/completions", {"prompt": {"text": "hi"}}, {}, 400, "prompt: must be a string"),
     ("/v1/completions", {"prompt": [1, 99999]}, {}, 400, "token ids"),
@@ -227,7 +243,7 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("route,body,headers,status,words", BAD_REQUESTS, ids=[str(i) for i in range(len(BAD_REQUESTS))])
+@pytest.mark.parametrize("route,body,headers,status,words", BAD_REQUESTS, ids=range(len(BAD_REQUESTS)))
 def test_bad_request_gets_4xx_in_openai_shape(url, route, body, headers, status, words):
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json", **headers}
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
