@@ -1,15 +1,62 @@
 """
 Text in, tokens out: corpora, the tokenizer, token shards and the batch loader the training script imports.
 
-(Work in progress: the tokenizer core is here; sources, shards and the loader follow.)
+    python prepare_data.py                                   # the built-in corpus (no network), BPE of 8192
+    python prepare_data.py --dataset=book.txt --vocab_size=4096
+    python prepare_data.py --dataset=corpus/ --text_field=content --tokenizer=path/to/tokenizer
+    python prepare_data.py --dataset=roneneldan/TinyStories --max_tokens=50000000
+    python prepare_data.py --benchmark                       # tokenization MB/s, 1 and 2 processes vs a loop
+
+Every source becomes a `datasets.Dataset` with one "text" column (one row per document), is tokenized with
+`Dataset.map(batched=True, num_proc=N)` (EOS after every document), split into train/val by document, and
+written as flat uint16 (uint32 for vocabularies over 65,536) token files:
+
+    OUT_DIR/<source>-<tokenizer>-<key>/  train.bin  val.bin  meta.json  tokenizer.json  tokenizer_config.json
+
+The folder name holds a hash of the source and the tokenizer settings, so running again reuses the shards.
+meta.json records the token and UTF-8 byte counts per split, from which training reports bits per byte.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+import sysconfig
+import tempfile
+import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
-from modern_llm import UserError
+import numpy as np
+
+from modern_llm import UserError, parse_flags, run_main, script_constants
+
+DATASET = "builtin"  # builtin, a file or folder (.txt .md .jsonl .json .parquet .csv, also .gz/.zst) or a hub dataset
+CONFIG_NAME = ""  # hub dataset config, e.g. sample-10BT for HuggingFaceFW/fineweb-edu; empty = its default
+TEXT_FIELD = "text"  # the column holding the text in .jsonl/.json/.parquet/.csv files and hub datasets
+TOKENIZER = ""  # empty: train a byte-level BPE on the corpus; else a tokenizer folder or hub name
+VOCAB_SIZE = 8192  # vocabulary of the trained BPE (a pretrained tokenizer keeps its own)
+OUT_DIR = "data"  # each prepared corpus gets a folder here, named by source and tokenizer settings
+MAX_TOKENS = 0  # token budget: whole documents until it is reached (hub datasets stream only that much); 0 = all
+VAL_FRACTION = 0.01  # share of the documents held out for validation
+SEED = 1337  # seeds the train/val split
+NUM_PROC = 0  # tokenization processes; 0 = one per CPU core (one for corpora under 16 MB)
+TOKENIZER_TRAIN_MB = 200  # at most this much text trains the BPE (a sample is enough)
+BENCHMARK = False  # measure tokenization MB/s on the built-in corpus (1 and 2 processes vs a Python loop), then exit
+
+_FLAG_DEFAULTS = script_constants(globals())  # taken here: the token strings further down are not flags
+
+FORMAT_VERSION = 1  # part of every cache key: bump it when the shard format or a source's reading changes
+MIN_MB_PER_PROC = 16  # starting a tokenization process costs ~1 s, so small corpora stay in one process
+HUB_BYTES_PER_TOKEN = 10  # with a token budget, stream this many bytes of text per token (well above real ~4)
+TRAIN_FILE, VAL_FILE, META_FILE = "train.bin", "val.bin", "meta.json"
 
 # -----------------------------------------------------------------------------
 # Tokenizer
@@ -36,11 +83,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     token and any Unicode text round-trips exactly. Returns a transformers PreTrainedTokenizerFast."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    check_vocab_size(vocab_size)
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    smallest = len(alphabet) + len(SPECIAL_TOKENS)
-    if vocab_size < smallest:
-        raise UserError(f"vocab_size {vocab_size} is too small: the 256 byte tokens and {len(SPECIAL_TOKENS)} "
-                        f"special tokens alone need {smallest}", "Tokenizer and vocabulary")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -48,6 +92,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
                                   show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     return wrap_tokenizer(tok)
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    """Before any data is read: the byte alphabet and the special tokens must fit."""
+    smallest = 256 + len(SPECIAL_TOKENS)
+    if vocab_size < smallest:
+        raise UserError(f"vocab_size {vocab_size} is too small: the 256 byte tokens and {len(SPECIAL_TOKENS)} "
+                        f"special tokens alone need {smallest}", "Tokenizer and vocabulary")
 
 
 def wrap_tokenizer(tok):
@@ -64,8 +116,496 @@ def load_tokenizer(name_or_path: str | Path):
     """A pretrained tokenizer by directory or hub name, through transformers.AutoTokenizer."""
     from transformers import AutoTokenizer
 
+    if looks_like_path(str(name_or_path)) and not Path(name_or_path).exists():  # else it would ask the hub
+        raise UserError(f"cannot load tokenizer {str(name_or_path)!r}: no such folder", "Tokenizer and vocabulary")
     try:
         return AutoTokenizer.from_pretrained(str(name_or_path))
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load tokenizer {name_or_path!r}: {first}", "Tokenizer and vocabulary") from None
+
+
+# -----------------------------------------------------------------------------
+# Sources: each becomes a datasets.Dataset with a single "text" column, one row per document
+
+SUFFIX_BUILDERS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet",
+                   ".csv": "csv"}  # file suffix -> the `datasets` builder that reads it
+COMPRESSIONS = (".gz", ".zst", ".zstd", ".bz2", ".xz")  # `datasets` decompresses these by itself
+SKIP_STDLIB_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}  # test data is not prose
+PARAGRAPH_BREAK = re.compile(r"\n\s*\n")  # a blank line ends a document in .txt/.md files
+
+
+@functools.lru_cache(maxsize=1)
+def builtin_documents() -> tuple[str, ...]:
+    """An English corpus every Python install carries: the reference topics of pydoc_data (one document each),
+    then the docstrings of each standard-library module (one document per module), in sorted path order.
+    Modules are parsed with `ast`, never imported: importing all of them would run their code."""
+    from pydoc_data.topics import topics
+
+    docs = [topics[k].strip() for k in sorted(topics)]
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
+        if SKIP_STDLIB_DIRS & set(path.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_bytes())
+        except (SyntaxError, ValueError):  # a few files are deliberately broken or in old syntax
+            continue
+        text = "\n\n".join(module_docstrings(tree))
+        if text:
+            docs.append(text)
+    return tuple(docs)
+
+
+def module_docstrings(node: ast.AST) -> Iterator[str]:
+    """Docstrings of a module, its classes and functions, depth first (statements are not walked into)."""
+    doc = ast.get_docstring(node)
+    if doc and doc.strip():
+        yield doc.strip()
+    for child in node.body:
+        if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield from module_docstrings(child)
+
+
+def builder_for(path: Path) -> str | None:
+    name = path.name.lower()
+    for c in COMPRESSIONS:
+        name = name.removesuffix(c)
+    return SUFFIX_BUILDERS.get(Path(name).suffix)
+
+
+def local_files(path: Path) -> list[Path]:
+    """The readable files a path names: itself, or every supported file under a folder (hidden ones skipped)."""
+    kinds = ", ".join(SUFFIX_BUILDERS)
+    if path.is_file():
+        if builder_for(path) is None:
+            raise UserError(f"{path}: unsupported file type; use one of {kinds} (optionally .gz/.zst)",
+                            "Data sources")
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and builder_for(p)
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not files:
+        raise UserError(f"{path}: folder has no {kinds} files", "Data sources")
+    return files
+
+
+def clean_documents(batch: dict, text_field: str, paragraphs: bool) -> dict:
+    """One document per row in a "text" column: plain-text files are split at blank lines (so a single book
+    still has documents to hold out for validation); empty and missing texts are dropped."""
+    docs = []
+    for text in batch[text_field]:
+        if not text:
+            continue
+        parts = PARAGRAPH_BREAK.split(text) if paragraphs else [text]
+        docs.extend(p.rstrip().lstrip("\r\n") for p in parts if p.strip())
+    return {"text": docs}
+
+
+def load_files(builder: str, files: list[Path], text_field: str, where: Path):
+    """Read files of one kind with `datasets`, into a clean "text" dataset; every way it can fail is a UserError."""
+    from datasets import Value, load_dataset
+    from datasets.exceptions import DatasetGenerationError
+
+    field = "text" if builder == "text" else text_field
+    try:
+        ds = load_dataset(builder, data_files=[str(f) for f in files], split="train",
+                          **({"sample_by": "document"} if builder == "text" else {}))
+        if field not in ds.column_names:
+            raise UserError(f"{where}: no {field!r} field (columns: {', '.join(ds.column_names)}); "
+                            f"name the text column with --text_field=NAME", "Data sources")
+        if ds.features[field] not in (Value("string"), Value("large_string")):
+            raise UserError(f"{where}: field {field!r} holds {ds.features[field]}, not text", "Data sources")
+        return ds.map(clean_documents, batched=True, remove_columns=ds.column_names, desc="reading",
+                      fn_kwargs={"text_field": field, "paragraphs": builder == "text"})
+    except (DatasetGenerationError, UnicodeDecodeError, StopIteration) as e:
+        cause = e if isinstance(e, UnicodeDecodeError) else e.__cause__ or e.__context__
+        if isinstance(cause, UnicodeDecodeError):
+            raise UserError(f"{where}: not UTF-8 text ({cause.reason} at byte {cause.start}); convert it first, "
+                            f"e.g. iconv -f latin1 -t utf-8 in.txt > out.txt", "Data sources") from None
+        if isinstance(e, StopIteration) or "SchemaInferenceError" in type(cause).__name__:
+            raise UserError(f"{where}: no text in it (empty file?)", "Data sources") from None
+        raise UserError(f"{where}: cannot read it: {cause or e}", "Data sources") from None
+
+
+def load_local(path: Path, text_field: str):
+    from datasets import concatenate_datasets
+
+    files = local_files(path)
+    builders = sorted({builder_for(f) for f in files})
+    parts = [load_files(b, [f for f in files if builder_for(f) == b], text_field, path) for b in builders]
+    return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def stream_documents(stream, text_field: str, max_bytes: int | None) -> Iterator[dict]:
+    """Rows of a streamed dataset as {"text": ...} documents, stopping once max_bytes of text have come."""
+    total = 0
+    for row in stream:
+        if text_field not in row:
+            raise UserError(f"the dataset has no {text_field!r} field (fields: {', '.join(row)}); name the text "
+                            f"column with --text_field=NAME", "Data sources")
+        text = row[text_field]
+        if text and text.strip():
+            yield {"text": text}
+            total += len(text.encode("utf-8"))
+            if max_bytes and total >= max_bytes:
+                return
+
+
+def load_hub(name: str, config_name: str | None, text_field: str, max_tokens: int | None):
+    """A hub dataset, streamed (fineweb-edu is terabytes) into an on-disk Dataset: all of it, or with a token
+    budget, about HUB_BYTES_PER_TOKEN bytes of text per token (tokens are counted exactly afterwards)."""
+    from datasets import Dataset, load_dataset
+    from datasets.exceptions import DatasetNotFoundError
+
+    local = "--dataset=corpus.txt or --dataset=folder/"
+    try:
+        stream = load_dataset(name, config_name, split="train", streaming=True)
+    except ConnectionError:
+        raise UserError(f"{name!r} is not a local file or folder, and the Hugging Face hub cannot be reached to "
+                        f"fetch it (offline?); use local text instead: {local}", "Data sources") from None
+    except (DatasetNotFoundError, FileNotFoundError):
+        raise UserError(f"{name!r} is neither a local file or folder nor a dataset on the Hugging Face hub; "
+                        f"check the name, or use local text: {local}", "Data sources") from None
+    except ValueError as e:  # e.g. a missing or unknown config name; the first line says which ones exist
+        raise UserError(f"hub dataset {name!r}: {str(e).strip().splitlines()[0]}", "Data sources") from None
+    budget = max_tokens * HUB_BYTES_PER_TOKEN if max_tokens else None
+    return Dataset.from_list(list(stream_documents(stream, text_field, budget)))
+
+
+def looks_like_path(dataset: str) -> bool:
+    return (dataset.startswith((".", "/", "~")) or os.sep in dataset.replace("/", "")
+            or builder_for(Path(dataset)) is not None)
+
+
+def load_corpus(dataset: str, text_field: str = "text", config_name: str | None = None,
+                max_tokens: int | None = None):
+    """Any source as a datasets.Dataset of documents in a "text" column."""
+    from datasets import Dataset
+
+    if dataset == "builtin":
+        ds = Dataset.from_dict({"text": list(builtin_documents())})
+    elif Path(dataset).expanduser().exists():
+        ds = load_local(Path(dataset).expanduser(), text_field)
+    elif looks_like_path(dataset):
+        raise UserError(f"{dataset}: no such file or folder", "Data sources")
+    else:
+        ds = load_hub(dataset, config_name, text_field, max_tokens)
+    if len(ds) == 0:
+        raise UserError(f"{dataset}: no text in it (only empty documents)", "Data sources")
+    return ds
+
+
+def source_identity(dataset: str, text_field: str, config_name: str | None) -> dict:
+    """What the cache key knows of a source: local files by path, size and modification time, so an edited
+    file is read again; the built-in corpus by Python version (its docstrings change between releases)."""
+    if dataset == "builtin":
+        return {"builtin": platform.python_version()}
+    path = Path(dataset).expanduser()
+    if path.exists():
+        files = local_files(path)
+        return {"path": str(path.resolve()), "text_field": text_field,
+                "files": [[str(f.relative_to(path)) if f != path else f.name, f.stat().st_size, f.stat().st_mtime_ns]
+                          for f in files]}
+    return {"hub": dataset, "config_name": config_name, "text_field": text_field}
+
+
+def source_slug(dataset: str) -> str:
+    """A readable start for the data folder's name."""
+    path = Path(dataset).expanduser()
+    name = path.resolve().name if path.exists() else dataset.replace("/", "--")
+    for c in COMPRESSIONS:
+        name = name.removesuffix(c)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).stem if path.is_file() else name)[:40]
+
+
+# -----------------------------------------------------------------------------
+# Tokenizing a source
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def tokenize_batch(batch: dict, tokenizer, eos_id: int) -> dict:
+    """Token ids of each document with EOS appended, and its length in tokens, characters and UTF-8 bytes."""
+    texts = batch["text"]
+    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    return {"ids": [x + [eos_id] for x in ids], "n_tokens": [len(x) + 1 for x in ids],
+            "n_chars": [len(t) for t in texts], "n_bytes": [len(t.encode("utf-8")) for t in texts]}
+
+
+def eos_id_of(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to put between documents",
+                        "Tokenizer and vocabulary")
+    return tokenizer.eos_token_id
+
+
+def tokenize_documents(ds, tokenizer, num_proc: int | None = None, max_tokens: int | None = None):
+    """Dataset.map over the documents with batched fast tokenization in num_proc processes (a progress bar
+    shows), then the first documents that together reach max_tokens."""
+    if not num_proc:
+        num_proc = max(1, min(os.cpu_count() or 1, int(ds.data.nbytes / 1e6 // MIN_MB_PER_PROC)))
+    num_proc = min(num_proc, len(ds))
+    out = ds.map(tokenize_batch, batched=True, batch_size=1000, num_proc=num_proc if num_proc > 1 else None,
+                 remove_columns=["text"], desc="tokenizing",
+                 fn_kwargs={"tokenizer": tokenizer, "eos_id": eos_id_of(tokenizer)})
+    if max_tokens:
+        counts = np.cumsum(column(out, "n_tokens"))
+        out = out.select(range(min(len(out), int(np.searchsorted(counts, max_tokens)) + 1)))
+    return out
+
+
+def column(ds, name: str) -> np.ndarray:
+    """A numeric column as a numpy array, straight from Arrow."""
+    return np.asarray(ds.with_format("numpy")[name])  # indexing the lazy Column would not mask, so materialize
+
+
+def token_batches(tokens, batch_size: int = 10_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(all token ids, tokens per document) for consecutive blocks of documents, without Python lists."""
+    for table in tokens.with_format("arrow").iter(batch_size=batch_size):
+        yield table.column("ids").combine_chunks().flatten().to_numpy(), table.column("n_tokens").to_numpy()
+
+
+def as_tokenizer(tokenizer):
+    return load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
+
+
+def tokenize_source(dataset: str, tokenizer, text_field: str = "text", config_name: str | None = None,
+                    max_tokens: int | None = None, num_proc: int | None = None) -> tuple[np.ndarray, int]:
+    """All tokens of a source (EOS after each document) and the UTF-8 bytes of its text, read and tokenized
+    exactly as prepare() does, so evaluation on any text measures the same thing as training's validation."""
+    tokenizer = as_tokenizer(tokenizer)
+    tokens = tokenize_documents(load_corpus(dataset, text_field, config_name, max_tokens), tokenizer,
+                                num_proc, max_tokens)
+    dtype = token_dtype(len(tokenizer))
+    ids = [values.astype(dtype) for values, _ in token_batches(tokens)]
+    return np.concatenate(ids) if ids else np.zeros(0, dtype), int(column(tokens, "n_bytes").sum())
+
+
+# -----------------------------------------------------------------------------
+# Token shards
+
+
+def text_sample(ds, max_bytes: int) -> Iterator[list[str]]:
+    """Batches of documents from the start of the corpus, up to max_bytes of text, to train the BPE on."""
+    total = 0
+    for batch in ds.iter(batch_size=1000):
+        yield batch["text"]
+        total += sum(len(t) for t in batch["text"])
+        if total >= max_bytes:
+            return
+
+
+def pick_validation(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
+    """A boolean per document, True for the held-out ones: a fixed-size random subset, the same every run."""
+    is_val = np.zeros(n_docs, dtype=bool)
+    if val_fraction > 0:
+        if n_docs < 2:
+            raise UserError("the corpus has a single document, so none can be held out for validation: separate "
+                            "documents with blank lines (or use --val_fraction=0)", "Data")
+        n_val = min(n_docs - 1, max(1, round(n_docs * val_fraction)))
+        is_val[np.random.default_rng(seed).choice(n_docs, n_val, replace=False)] = True
+    return is_val
+
+
+def write_shards(tokens, is_val: np.ndarray, out: Path, dtype: np.dtype) -> None:
+    """train.bin and val.bin: each split's tokens, documents in corpus order, as one flat array."""
+    start = 0
+    with open(out / TRAIN_FILE, "wb") as train, open(out / VAL_FILE, "wb") as val:
+        for values, lengths in token_batches(tokens):
+            token_is_val = np.repeat(is_val[start:start + len(lengths)], lengths)
+            start += len(lengths)
+            values = values.astype(dtype)
+            values[~token_is_val].tofile(train)
+            values[token_is_val].tofile(val)
+
+
+def split_counts(tokens, is_val: np.ndarray) -> dict:
+    counts = {}
+    for split, chosen in (("train", ~is_val), ("val", is_val)):
+        counts[f"{split}_documents"] = int(chosen.sum())
+        for what in ("tokens", "chars", "bytes"):
+            counts[f"{split}_{what}"] = int(column(tokens, f"n_{what}")[chosen].sum())
+    return counts
+
+
+def cache_key(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def tokenizer_identity(tokenizer) -> str:
+    """A pretrained tokenizer is known by its contents, not its name: the same files anywhere give the same key."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def prepare(dataset: str = "builtin", data_root: str | Path = "data", vocab_size: int = 8192, tokenizer=None,
+            text_field: str = "text", config_name: str | None = None, max_tokens: int | None = None,
+            val_fraction: float = 0.01, seed: int = 1337, num_proc: int | None = None,
+            tokenizer_train_mb: float = TOKENIZER_TRAIN_MB) -> Path:
+    """The data folder for a source and tokenizer settings: reused when it exists, else built and written
+    atomically (a temporary folder renamed into place), so an interrupted run leaves nothing half-written.
+    `tokenizer` None trains a byte-level BPE of vocab_size on the corpus; a path, hub name or tokenizer object
+    uses that one (with its own vocabulary)."""
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}", "Data")
+    tokenizer = as_tokenizer(tokenizer)
+    if tokenizer is None:
+        check_vocab_size(vocab_size)
+        tok_settings = {"bpe": vocab_size, "train_mb": tokenizer_train_mb}
+        tok_name = f"bpe{vocab_size}"
+    else:
+        tok_settings = {"pretrained": tokenizer_identity(tokenizer)}
+        tok_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(tokenizer.name_or_path or "tok").name)[:30]
+    settings = {"format": FORMAT_VERSION, "source": source_identity(dataset, text_field, config_name),
+                "tokenizer": tok_settings, "max_tokens": max_tokens or None, "val_fraction": val_fraction,
+                "seed": seed}
+    key = cache_key(settings)
+    data_dir = Path(data_root) / f"{source_slug(dataset)}-{tok_name}-{key}"
+    if (data_dir / META_FILE).is_file():
+        return data_dir
+
+    docs = load_corpus(dataset, text_field, config_name, max_tokens)
+    if tokenizer is None:
+        tokenizer = train_tokenizer(text_sample(docs, int(tokenizer_train_mb * 1e6)), vocab_size)
+    tokens = tokenize_documents(docs, tokenizer, num_proc, max_tokens)
+    is_val = pick_validation(len(tokens), val_fraction, seed)
+    dtype = token_dtype(len(tokenizer))
+    meta = {"format": FORMAT_VERSION, "cache_key": key, "source": dataset, "config_name": config_name,
+            "text_field": text_field, "tokenizer": tokenizer.name_or_path or f"byte-level BPE {vocab_size}",
+            "vocab_size": len(tokenizer), "dtype": dtype.name, "documents": len(tokens),
+            **split_counts(tokens, is_val), "bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id,
+            "pad_id": tokenizer.pad_token_id, "max_tokens": max_tokens or None, "val_fraction": val_fraction,
+            "seed": seed}
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.tmp-", dir=data_dir.parent))
+    try:
+        write_shards(tokens, is_val, tmp, dtype)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, data_dir)
+    except OSError:
+        if not (data_dir / META_FILE).is_file():  # else another process finished the same folder first: use it
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return data_dir
+
+
+def load_meta(data_dir: str | Path) -> dict:
+    """meta.json of a prepared data folder, plus where its tokenizer files are."""
+    data_dir = Path(data_dir)
+    try:
+        meta = json.loads((data_dir / META_FILE).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{data_dir} is not a prepared data folder (no {META_FILE}): run "
+                        f"python prepare_data.py --dataset=...", "Data") from None
+    except ValueError as e:
+        raise UserError(f"{data_dir / META_FILE} is damaged ({e}): delete the folder and prepare again",
+                        "Data") from None
+    return {**meta, "data_dir": str(data_dir), "tokenizer_dir": str(data_dir)}
+
+
+# -----------------------------------------------------------------------------
+# The batch loader
+
+
+class BatchLoader:
+    """Random windows of seq_len+1 tokens from a split's memmap, as (x, y) int64 tensors shifted by one.
+
+    Batch number `step` is a pure function of (seed, split, step, micro_step, rank): a resumed run draws exactly
+    the batches it would have drawn, and each torchrun rank draws different ones, with no loader state to save.
+    """
+
+    SPLITS = {"train": 0, "val": 1}
+
+    def __init__(self, data_dir: str | Path, split: str, batch_size: int, seq_len: int, seed: int = 1337,
+                 rank: int = 0, world_size: int = 1):
+        if split not in self.SPLITS:
+            raise UserError(f"split must be 'train' or 'val', got {split!r}", "Data")
+        if batch_size < 1 or seq_len < 1:
+            raise UserError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}", "Data")
+        meta = load_meta(data_dir)
+        self.data = np.memmap(Path(data_dir) / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r") \
+            if meta[f"{split}_tokens"] else np.zeros(0, np.uint16)
+        if len(self.data) < seq_len + 1:
+            raise UserError(f"the {split} split of {data_dir} has {len(self.data):,} tokens, fewer than "
+                            f"seq_len+1 = {seq_len + 1}: use a shorter --seq_len or more text", "Data")
+        self.split, self.batch_size, self.seq_len = split, batch_size, seq_len
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.offsets = np.arange(seq_len + 1)
+
+    def get_batch(self, step: int, micro_step: int = 0, device="cpu"):
+        import torch
+
+        rng = np.random.default_rng([self.seed, self.SPLITS[self.split], step, micro_step, self.rank])
+        starts = rng.integers(0, len(self.data) - self.seq_len, size=self.batch_size)
+        windows = torch.from_numpy(self.data[starts[:, None] + self.offsets].astype(np.int64))
+        x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+        if torch.device(device).type == "cuda":  # pinned memory lets the copy overlap the previous step
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def summary(meta: dict, seconds: float, reused: bool) -> str:
+    rows = [("documents", "documents"), ("characters", "chars"), ("UTF-8 bytes", "bytes"), ("tokens", "tokens")]
+    lines = [f"{'reused' if reused else 'wrote'} {meta['data_dir']}", f"  {'':<12} {'train':>14} {'val':>12}"]
+    lines += [f"  {label:<12} {meta[f'train_{key}']:>14,} {meta[f'val_{key}']:>12,}" for label, key in rows]
+    total_bytes, total_tokens = meta["train_bytes"] + meta["val_bytes"], meta["train_tokens"] + meta["val_tokens"]
+    lines.append(f"  bytes/token  {total_bytes / max(total_tokens, 1):.2f}   vocabulary {meta['vocab_size']:,} "
+                 f"({meta['dtype']}), tokenizer {meta['tokenizer']}")
+    lines.append(f"  time         {seconds:.1f} s")
+    return "\n".join(lines)
+
+
+def benchmark(vocab_size: int, tokenizer=None) -> None:
+    """Tokenization throughput on the built-in corpus: the same tokenizer called once per document in a Python
+    loop, against Dataset.map(batched=True) in 1 and 2 processes (what prepare() runs)."""
+    from datasets import Dataset
+
+    docs = list(builtin_documents())
+    mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
+    tokenizer = as_tokenizer(tokenizer) or train_tokenizer(docs, vocab_size)
+    ds = Dataset.from_dict({"text": docs})
+
+    def python_loop():
+        return sum(len(tokenizer(d, add_special_tokens=False)["input_ids"]) + 1 for d in docs)
+
+    def with_map(num_proc):
+        return lambda: int(column(tokenize_documents(ds, tokenizer, num_proc), "n_tokens").sum())
+
+    print(f"built-in corpus: {len(docs):,} documents, {mb:.2f} MB; tokenizer {tokenizer.name_or_path or 'BPE'} "
+          f"(vocab {len(tokenizer):,}); TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM', 'unset')}")
+    print(f"{'method':<36} {'seconds':>8} {'MB/s':>7} {'speedup':>8}")
+    base = None
+    for name, run in [("python loop, one call per document", python_loop),
+                      ("Dataset.map batched, 1 process", with_map(1)), ("Dataset.map batched, 2 processes", with_map(2))]:
+        t0 = time.perf_counter()
+        n_tokens = run()
+        seconds = time.perf_counter() - t0
+        base = base or seconds
+        print(f"{name:<36} {seconds:>8.2f} {mb / seconds:>7.2f} {base / seconds:>7.2f}x   ({n_tokens:,} tokens)")
+
+
+def main(argv: list[str]) -> int:
+    cfg, _ = parse_flags(_FLAG_DEFAULTS, argv, __file__, usage=__doc__)
+    if cfg["benchmark"]:
+        benchmark(cfg["vocab_size"], cfg["tokenizer"] or None)
+        return 0
+    t0 = time.time()
+    data_dir = prepare(cfg["dataset"], cfg["out_dir"], cfg["vocab_size"], cfg["tokenizer"] or None,
+                       cfg["text_field"], cfg["config_name"] or None, cfg["max_tokens"] or None,
+                       cfg["val_fraction"], cfg["seed"], cfg["num_proc"] or None, cfg["tokenizer_train_mb"])
+    reused = (data_dir / META_FILE).stat().st_mtime < t0
+    print(summary(load_meta(data_dir), time.time() - t0, reused))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
