@@ -1,0 +1,649 @@
+"""
+What is each training speed technique worth on THIS machine? One model, one batch, every technique alone and
+all together against an eager fp32 baseline, side by side in one run, so the figures compare like with like.
+
+    python speed_optimizations_2025.py                 # `small` model on CPU (~5 min), 125m on a GPU
+    python speed_optimizations_2025.py --quick         # tiny model, about a minute: does every row run here?
+    python speed_optimizations_2025.py --rows=baseline --rows=transformers   # only some rows
+
+A row is a training step (forward, backward, optimizer): warm-up steps, then the median of timed steps. The table
+(tokens/s, speed-up over the baseline, forward+backward and optimizer time, peak memory, MFU) is printed and
+written to OUT/<device>.md, .json and .png. A technique that does not apply on this device says why instead of
+a number. Each technique is a function below whose docstring says why it helps, when it does not, and what it
+measured on the reference machine (2-core AMD EPYC Zen 5 CPU, `small` model, batch 8 x 256).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import platform
+import statistics
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm import tqdm
+
+import modern_llm as ml
+from modern_llm import UserError
+
+MODEL = "small"  # size preset from modern_llm.PRESETS (a GPU run uses 125m unless given)
+DEVICE = "auto"  # auto (cuda when available), cuda or cpu
+BATCH_SIZE = 8  # rows per optimizer step
+SEQ_LEN = 256  # tokens per row (a GPU run uses 1024 unless given)
+WARMUP_STEPS = 2  # untimed steps first: compilation, autotuning, allocator warm-up
+STEPS = 5  # timed steps per row; the table shows the median
+GRAD_ACCUM = 4  # the accumulation row splits BATCH_SIZE into this many micro-batches
+LR = 3e-4  # learning rate of every optimizer (the speed does not depend on it)
+WEIGHT_DECAY = 0.1  # weight decay of every optimizer
+QUICK = False  # tiny model, batch 4 x 64, 1 warm-up + 3 timed steps: about a minute, to see that all rows run
+ROWS = []  # measure only these rows (repeatable, names as in the table's first column); empty: all
+OUT = "out/speed"  # folder for <device>.md, <device>.json and <device>.png
+SEED = 0  # the same weights and tokens for every row
+
+# Constants a GPU run or --quick sets unless the user gave them on the command line.
+GPU_DEFAULTS = {"model": "125m", "seq_len": 1024}
+QUICK_DEFAULTS = {"model": "tiny", "batch_size": 4, "seq_len": 64, "warmup_steps": 1, "steps": 3}
+
+# Dense peak TFLOP/s (fp32, tf32, bf16 with fp32 accumulation) from the vendors' data sheets, for MFU. The first
+# name contained in the device's name wins, so "H100 PCIe" comes before "H100". Other GPUs: measured matmul.
+GPU_PEAK_TFLOPS = {
+    "H100 PCIe": (51.0, 378.0, 756.0),
+    "H100": (67.0, 494.7, 989.4),
+    "H200": (67.0, 494.7, 989.4),
+    "A100": (19.5, 156.0, 312.0),
+    "RTX 4090": (82.6, 82.6, 165.2),
+    "RTX 4080": (48.7, 48.7, 97.5),
+    "RTX 4070 Ti": (40.1, 40.1, 80.2),
+    "RTX 3090": (35.6, 35.6, 71.0),
+    "RTX 3060": (12.7, 12.7, 25.6),
+}
+
+
+# -----------------------------------------------------------------------------
+# What a row changes, and the machine it runs on
+
+
+@dataclass
+class Setup:
+    """One row's departures from the baseline (eager fp32, foreach AdamW, PyTorch's choice of attention kernel)."""
+    autocast: bool = False  # bf16 autocast
+    compile_mode: str | None = None  # torch.compile mode, None for eager
+    optimizer: str = "foreach"  # foreach or fused (torch AdamW), muon (muon_optimizer.py)
+    sdpa: SDPBackend | None = None  # force one attention kernel
+    checkpointing: bool = False  # activation checkpointing
+    grad_accum: int = 1  # micro-batches per optimizer step, same tokens per step
+    tf32: bool = False  # TF32 tensor cores for fp32 matmuls
+    transformers: bool = False  # transformers' LlamaForCausalLM instead of our model
+
+    @property
+    def precision(self) -> str:
+        """Which peak the MFU is taken against: the matmuls run in bf16, tf32 or fp32."""
+        return "bf16" if self.autocast else "tf32" if self.tf32 else "fp32"
+
+
+@dataclass
+class Bench:
+    """Everything shared by the rows of one run."""
+    device: torch.device
+    cfg: ml.ModelConfig
+    model_name: str
+    batch_size: int
+    seq_len: int
+    warmup_steps: int
+    steps: int
+    grad_accum: int
+    lr: float
+    weight_decay: float
+    seed: int
+    peak_flops: dict[str, float]  # precision -> FLOP/s
+    peak_source: str
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def tf32_capable(self) -> bool:
+        return self.cuda and torch.cuda.get_device_capability(self.device)[0] >= 8
+
+
+# -----------------------------------------------------------------------------
+# The techniques. Each returns the Setup of its row, or a string saying why it does not apply here.
+
+
+def baseline(bench: Bench) -> Setup | str:
+    """Eager fp32 with foreach AdamW: what a plain PyTorch training loop does. Every speed-up is against this."""
+    return Setup()
+
+
+def bf16_autocast(bench: Bench) -> Setup | str:
+    """BF16 autocast runs matmuls and attention in bfloat16 while weights, grads and optimizer state stay fp32.
+
+    Why it helps: bf16 matmuls run at 2x (CPU with AVX512-BF16/AMX) to 16x (GPU tensor cores) the fp32 rate and
+    move half the bytes; saved activations are half the size. When it does not: weights, grads and AdamW state
+    (16 bytes/parameter) are unchanged, so "50% less memory" holds only for activations; CPUs without bf16
+    instructions emulate it and get slower. Measured here: see README "Performance".
+    """
+    return Setup(autocast=True)
+
+
+def compile_default(bench: Bench) -> Setup | str:
+    """torch.compile (default mode) traces the model and fuses the elementwise work (RMSNorm, RoPE, SwiGLU, the
+    loss) into generated kernels, so activations make fewer trips through memory.
+
+    Why it helps: a small or memory-bound model spends much of its time in those elementwise ops and the kernel
+    launches between them. When it does not: large matmul-bound models (little left to fuse), and short runs,
+    because compilation costs ~30 s on CPU (minutes with max-autotune) before the first step.
+    Measured here: see README "Performance".
+    """
+    return Setup(compile_mode="default")
+
+
+def compile_max_autotune(bench: Bench) -> Setup | str:
+    """torch.compile mode="max-autotune" also benchmarks several matmul/attention kernel configurations (Triton
+    templates) and captures CUDA graphs, removing launch overhead.
+
+    Why it helps: on a GPU with a small batch, launch overhead and a poorly shaped cuBLAS choice can cost 10-30%.
+    When it does not: compile time grows to minutes; on CPU there are no Triton kernels to tune, so it is
+    measured on CUDA only.
+    """
+    if not bench.cuda:
+        return "CUDA only: max-autotune tunes GPU (Triton) kernels and captures CUDA graphs"
+    return Setup(compile_mode="max-autotune")
+
+
+def fused_adamw(bench: Bench) -> Setup | str:
+    """AdamW(fused=True) updates every parameter in one kernel per step instead of a handful of foreach kernels
+    over lists of tensors (or one loop iteration per parameter without foreach).
+
+    Why it helps: the update reads and writes 16 bytes per parameter several times; fusing it reads them once.
+    When it does not: the optimizer step is a small share of a step with a large batch (the 10-20% claim is of
+    the optimizer step, not of training), and the gain shrinks as tokens per step grow. Fused AdamW exists on
+    CPU too in PyTorch 2.4+. Measured here: see README "Performance".
+    """
+    return Setup(optimizer="fused")
+
+
+def muon(bench: Bench) -> Setup | str:
+    """Muon (muon_optimizer.py) orthogonalises the momentum of each block matrix with a few Newton-Schulz
+    iterations; embeddings and norms keep AdamW.
+
+    Why it can help: it reaches a given loss in fewer steps (~1.3-1.5x fewer in the modded-nanoGPT runs), and
+    it keeps one state tensor per matrix instead of AdamW's two. What it costs: 5 Newton-Schulz iterations are
+    extra matmuls each step, about 5 * 2 * 3 * d^3... per matrix, so its step is slower than AdamW's; the
+    trade is per-step time for fewer steps, which this table (time per step only) cannot show.
+    """
+    try:
+        import muon_optimizer  # noqa: F401
+    except ImportError as e:
+        return f"muon_optimizer.py cannot be imported ({e})"
+    return Setup(optimizer="muon")
+
+
+def sdpa_flash(bench: Bench) -> Setup | str:
+    """FlashAttention computes softmax(QK^T)V in tiles that fit in fast memory, never writing the T x T scores.
+
+    Why it helps: attention memory grows with T instead of T^2 and the scores never travel to main memory. When
+    it does not: at short sequences attention is a small part of the step; on GPU it needs fp16/bf16 inputs
+    (an fp32 model falls back to another kernel). PyTorch has a CPU flash kernel too.
+    """
+    return Setup(sdpa=SDPBackend.FLASH_ATTENTION)
+
+
+def sdpa_efficient(bench: Bench) -> Setup | str:
+    """The memory-efficient (xformers-style) kernel: tiled like flash, also takes fp32 and arbitrary masks.
+
+    Why it helps: the fallback when flash cannot run (fp32, a mask), still without T x T scores in memory.
+    When it does not: usually somewhat slower than flash where flash applies. CUDA only.
+    """
+    if not bench.cuda:
+        return "CUDA only: PyTorch has no memory-efficient attention kernel for CPU"
+    return Setup(sdpa=SDPBackend.EFFICIENT_ATTENTION)
+
+
+def sdpa_cudnn(bench: Bench) -> Setup | str:
+    """cuDNN's fused attention, fastest on Hopper (H100/H200) in recent PyTorch.
+
+    When it does not: older GPUs and some shapes are refused, and the row then says so. CUDA only.
+    """
+    if not bench.cuda:
+        return "CUDA only: cuDNN attention is an NVIDIA GPU kernel"
+    return Setup(sdpa=SDPBackend.CUDNN_ATTENTION)
+
+
+def sdpa_math(bench: Bench) -> Setup | str:
+    """The reference "math" attention: matmul, softmax, matmul, with the T x T scores in memory (and K/V
+    repeated for grouped-query attention). It is what a hand-written attention does, and the kernel the
+    others are measured against: expect it slower and larger, more so as the sequence grows.
+    """
+    return Setup(sdpa=SDPBackend.MATH)
+
+
+def activation_checkpointing(bench: Bench) -> Setup | str:
+    """Activation checkpointing keeps only each block's input during the forward pass and recomputes the block
+    during backward.
+
+    Why it helps: activation memory drops from all blocks' intermediates to one block's, so a larger batch or
+    model fits. What it costs: one more forward pass per block, ~30% more compute (a slower step, never a
+    faster one); the MFU column counts only the model's own FLOPs. Measured here: see README "Performance".
+    """
+    return Setup(checkpointing=True)
+
+
+def gradient_accumulation(bench: Bench) -> Setup | str:
+    """Gradient accumulation: the same tokens per optimizer step, as GRAD_ACCUM smaller micro-batches.
+
+    Why use it: the effective batch a recipe needs, on a GPU that fits only a smaller one. What it costs:
+    smaller matmuls run less efficiently and there are more kernel launches, while the optimizer step is paid
+    once either way. The row shows that overhead against the one-shot batch.
+    """
+    if bench.batch_size % bench.grad_accum:
+        return f"--batch_size={bench.batch_size} does not split into --grad_accum={bench.grad_accum} micro-batches"
+    return Setup(grad_accum=bench.grad_accum)
+
+
+def tf32(bench: Bench) -> Setup | str:
+    """TF32 runs fp32 matmuls on tensor cores with a 10-bit mantissa (torch.set_float32_matmul_precision("high")).
+
+    Why it helps: up to 8x the fp32 matmul rate on Ampere and later, with no code change and fp32 storage.
+    When it does not: pre-Ampere GPUs and CPUs have no TF32; under bf16 autocast the matmuls are bf16 already.
+    """
+    if not bench.tf32_capable():
+        return f"needs an NVIDIA GPU of the Ampere generation or later; this is {device_name(bench.device)}"
+    return Setup(tf32=True)
+
+
+def all_together(bench: Bench) -> Setup | str:
+    """Everything that speeds up a step, at once: bf16 autocast, torch.compile (default mode: max-autotune's
+    compile time is too long for everyday runs), fused AdamW, TF32 where the GPU has it, PyTorch's own choice
+    of attention kernel. Activation checkpointing and accumulation are left out: they trade speed for memory.
+    """
+    return Setup(autocast=True, compile_mode="default", optimizer="fused", tf32=bench.tf32_capable())
+
+
+def transformers_llama(bench: Bench) -> Setup | str:
+    """transformers' LlamaForCausalLM with the same config and weights, eager fp32, foreach AdamW: the outside
+    reference for our own baseline row (they should be equally fast: same math, same kernels). The loss is
+    computed the same way for both (their built-in loss shifts the labels, a little different work).
+    """
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return "transformers is not installed (pip install transformers)"
+    return Setup(transformers=True)
+
+
+# (name typed with --rows, label in the table, technique)
+TECHNIQUES: list[tuple[str, str, Callable[[Bench], Setup | str]]] = [
+    ("baseline", "eager fp32, foreach AdamW", baseline),
+    ("bf16", "BF16 autocast", bf16_autocast),
+    ("compile", "torch.compile (default)", compile_default),
+    ("max-autotune", "torch.compile (max-autotune)", compile_max_autotune),
+    ("fused-adamw", "fused AdamW", fused_adamw),
+    ("muon", "Muon (muon_optimizer.py)", muon),
+    ("sdpa-flash", "SDPA flash", sdpa_flash),
+    ("sdpa-efficient", "SDPA memory-efficient", sdpa_efficient),
+    ("sdpa-cudnn", "SDPA cuDNN", sdpa_cudnn),
+    ("sdpa-math", "SDPA math", sdpa_math),
+    ("checkpointing", "activation checkpointing", activation_checkpointing),
+    ("grad-accum", "gradient accumulation", gradient_accumulation),
+    ("tf32", "TF32 matmuls", tf32),
+    ("all", "all together", all_together),
+    ("transformers", "transformers LlamaForCausalLM, eager fp32", transformers_llama),
+]
+
+
+# -----------------------------------------------------------------------------
+# Building a row's model and optimizer
+
+
+class TransformersLoss(nn.Module):
+    """transformers' model behind our forward(idx, targets) -> loss, so both models do the same work per step."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.hf = hf_model
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.hf(input_ids=idx, use_cache=False).logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+
+
+def transformers_twin(model: ml.LLM) -> nn.Module:
+    """LlamaForCausalLM with our model's config (through the same config.json fields) and weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_model = LlamaForCausalLM(LlamaConfig(**ml.hf_config(model.cfg)))
+    missing, unexpected = hf_model.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:  # the tied head is the embedding
+        raise RuntimeError(f"weights do not map onto LlamaForCausalLM: {missing} {unexpected}")
+    return TransformersLoss(hf_model)
+
+
+def build_model(bench: Bench, setup: Setup) -> nn.Module:
+    torch.manual_seed(bench.seed)  # every row starts from the same weights
+    model = ml.LLM(bench.cfg)
+    model.activation_checkpointing = setup.checkpointing
+    if setup.transformers:
+        model = transformers_twin(model)
+    return model.to(bench.device).train()
+
+
+def build_optimizer(bench: Bench, model: nn.Module, kind: str) -> torch.optim.Optimizer:
+    if kind == "muon":
+        import muon_optimizer
+
+        # its AdamW half unfused, like the baseline's, so the difference is Muon's own
+        return muon_optimizer.build_optimizer(model, "muon", bench.lr, bench.weight_decay, fused=False)
+    return torch.optim.AdamW(model.parameters(), lr=bench.lr, weight_decay=bench.weight_decay,
+                             foreach=kind == "foreach", fused=kind == "fused")
+
+
+class Float32Precision:
+    """torch.set_float32_matmul_precision for the duration of a row, then back (TF32 is a global switch)."""
+
+    def __init__(self, precision: str):
+        self.precision = precision
+
+    def __enter__(self):
+        self.saved = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(self.precision)
+
+    def __exit__(self, *exc):
+        torch.set_float32_matmul_precision(self.saved)
+
+
+# -----------------------------------------------------------------------------
+# Measuring
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(bench: Bench, setup: Setup, model: nn.Module, opt, batches) -> tuple[float, float]:
+    """One optimizer step over the micro-batches: (forward+backward seconds, optimizer seconds)."""
+    autocast = torch.autocast(bench.device.type, dtype=torch.bfloat16, enabled=setup.autocast)
+    kernel = sdpa_kernel(setup.sdpa) if setup.sdpa is not None else nullcontext()
+    t0 = time.perf_counter()
+    for x, y in batches:
+        with autocast, kernel:
+            loss = model(x, y) / len(batches)
+        loss.backward()
+    sync(bench.device)
+    t1 = time.perf_counter()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sync(bench.device)
+    return t1 - t0, time.perf_counter() - t1
+
+
+def optimizer_state_bytes(opt) -> int:
+    return sum(t.nbytes for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+
+
+def cpu_peak_bytes(step: Callable[[], object], model: nn.Module, opt) -> int:
+    """Peak bytes of CPU tensors during one step: what lives before it (weights, optimizer state; the grads were
+    freed by zero_grad) plus the highest point of the allocations and frees the profiler records in the step.
+    CPU PyTorch has no max_memory_allocated, and the process's peak RSS would count the allocator's cache and
+    the earlier rows too."""
+    from torch.profiler import ProfilerActivity, profile
+
+    before = sum(p.nbytes for p in model.parameters()) + optimizer_state_bytes(opt)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return before + peak
+
+
+def measure(bench: Bench, setup: Setup, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Warm-up steps, timed steps, then the peak memory of one more step."""
+    model = build_model(bench, setup)
+    opt = build_optimizer(bench, model, setup.optimizer)
+    runnable = torch.compile(model, mode=setup.compile_mode) if setup.compile_mode else model
+    batches = list(zip(x.chunk(setup.grad_accum), y.chunk(setup.grad_accum)))
+
+    def step():
+        return train_step(bench, setup, runnable, opt, batches)
+
+    with Float32Precision("high" if setup.tf32 else "highest"):
+        for _ in range(bench.warmup_steps):
+            step()
+        if bench.cuda:
+            torch.cuda.reset_peak_memory_stats(bench.device)
+        times = [step() for _ in range(bench.steps)]
+        peak = torch.cuda.max_memory_allocated(bench.device) if bench.cuda else cpu_peak_bytes(step, model, opt)
+    seconds = statistics.median(fb + o for fb, o in times)
+    tokens_per_s = bench.batch_size * bench.seq_len / seconds
+    flops = ml.flops_per_token(bench.cfg, bench.seq_len) * tokens_per_s
+    return {
+        "tokens_per_s": tokens_per_s,
+        "fwd_bwd_ms": 1000 * statistics.median(fb for fb, _ in times),
+        "optimizer_ms": 1000 * statistics.median(o for _, o in times),
+        "peak_mib": peak / 2**20,
+        "mfu": flops / bench.peak_flops[setup.precision],
+    }
+
+
+def run_row(bench: Bench, technique: Callable[[Bench], Setup | str], x, y) -> dict:
+    """A technique's figures, or {"note": why not}: a technique that fails here (no C++ compiler for
+    torch.compile, a kernel refused, out of memory) is a result for this machine, not the end of the run."""
+    setup = technique(bench)
+    if isinstance(setup, str):
+        return {"note": setup}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        try:
+            return measure(bench, setup, x, y)
+        except Exception as e:  # noqa: BLE001 (reported in the row, see docstring)
+            why = [str(w.message).strip().splitlines()[0] for w in seen if "not used because" in str(w.message)]
+            return {"note": f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
+                            + (f" ({'; '.join(why[:2])})" if why else "")}
+        finally:
+            gc.collect()
+            torch._dynamo.reset()  # drop compiled graphs: each compile row starts from scratch
+            if bench.cuda:
+                torch.cuda.empty_cache()
+
+
+# -----------------------------------------------------------------------------
+# Peaks for MFU
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:  # Linux names the CPU model here; platform.processor() is often empty or just "x86_64"
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measured_matmul_flops(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
+    """FLOP/s of the best of a few n x n matmuls: the practical peak of this device in this dtype."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # first call: library and thread-pool start-up
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def peak_flops(device: torch.device, quick: bool) -> tuple[dict[str, float], str]:
+    """(precision -> FLOP/s, where the figures come from): a GPU's data sheet when we know it, otherwise a
+    measured matmul (on CPU there is no one data-sheet figure: it depends on the cores, the clock and the BLAS)."""
+    name = device_name(device)
+    if device.type == "cuda":
+        for key, (fp32, tf32_, bf16) in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return {"fp32": fp32 * 1e12, "tf32": tf32_ * 1e12, "bf16": bf16 * 1e12}, f"{key} data sheet (dense)"
+    n = 1024 if quick else 2048
+    fp32 = measured_matmul_flops(device, torch.float32, n)
+    with Float32Precision("high"):
+        tf32_ = measured_matmul_flops(device, torch.float32, n) if device.type == "cuda" else fp32
+    return ({"fp32": fp32, "tf32": tf32_, "bf16": measured_matmul_flops(device, torch.bfloat16, n)},
+            f"measured {n}x{n} matmul")
+
+
+# -----------------------------------------------------------------------------
+# Report: Markdown, JSON, PNG
+
+COLUMNS = ["row", "technique", "tokens/s", "vs baseline", "fwd+bwd ms", "optimizer ms", "peak MiB",
+           "memory vs baseline", "MFU", "note"]
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Speed-up and memory ratio of each measured row against the baseline (the first row)."""
+    base = rows[0]
+    for r in rows:
+        if "tokens_per_s" in r and "tokens_per_s" in base:
+            r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
+            r["memory_ratio"] = r["peak_mib"] / base["peak_mib"]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        if "tokens_per_s" in r:
+            cells = [f"{r['tokens_per_s']:,.0f}", f"{r.get('speedup', 0):.2f}x", f"{r['fwd_bwd_ms']:,.1f}",
+                     f"{r['optimizer_ms']:,.1f}", f"{r['peak_mib']:,.0f}", f"{r.get('memory_ratio', 0):.2f}x",
+                     f"{100 * r['mfu']:.1f}%"]
+        else:
+            cells = ["n/a"] + [""] * 6
+        lines.append("| " + " | ".join([r["row"], r["technique"], *cells, r.get("note", "")]) + " |")
+    return "\n".join(lines)
+
+
+def header(meta: dict) -> str:
+    peaks = ", ".join(f"{k} {v / 1e12:.2f}" for k, v in meta["peak_flops"].items())
+    return (f"{meta['date']}, {meta['device_name']} ({meta['device']}, {meta['threads']} threads), "
+            f"torch {meta['torch']}: model `{meta['model']}` ({meta['params'] / 1e6:.1f}M params), batch "
+            f"{meta['batch_size']} x {meta['seq_len']} tokens, median of {meta['steps']} steps after "
+            f"{meta['warmup_steps']} warm-up. MFU against peak TFLOP/s {peaks} ({meta['peak_source']}).")
+
+
+def draw(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = [r for r in rows if "speedup" in r]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(measured) + 1.2))
+    ax.barh([r["row"] for r in measured][::-1], [r["speedup"] for r in measured][::-1], color="tab:blue")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("training tokens/s relative to the eager fp32 baseline")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(out: Path, meta: dict, rows: list[dict]) -> Path:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        stem = out / meta["device"]
+        table = markdown_table(rows)
+        stem.with_suffix(".md").write_text(header(meta) + "\n\n" + table + "\n", encoding="utf-8")
+        stem.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n", encoding="utf-8")
+        draw(rows, stem.with_suffix(".png"))
+    except OSError as e:
+        raise UserError(f"cannot write the report to --out={out}: {e.strerror or e}", "Performance") from None
+    return stem
+
+
+# -----------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"--device={name!r}: choose auto, cpu or cuda", "Performance")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device=cuda but PyTorch sees no CUDA GPU (a CPU-only torch build, or no driver)",
+                        "Performance")
+    return torch.device(name)
+
+
+def make_bench(cfg: dict, device: torch.device) -> Bench:
+    for name in ("batch_size", "seq_len", "steps", "grad_accum"):
+        if cfg[name] < 1:
+            raise UserError(f"--{name} must be at least 1, got {cfg[name]}", "Performance")
+    if cfg["warmup_steps"] < 0:
+        raise UserError(f"--warmup_steps must be 0 or more, got {cfg['warmup_steps']}", "Performance")
+    model_cfg = ml.model_preset(cfg["model"])
+    if cfg["seq_len"] > model_cfg.max_seq_len:
+        raise UserError(f"--seq_len={cfg['seq_len']} exceeds the {cfg['model']} model's context of "
+                        f"{model_cfg.max_seq_len}", "Performance")
+    peaks, source = peak_flops(device, cfg["quick"])
+    return Bench(device=device, cfg=model_cfg, model_name=cfg["model"], batch_size=cfg["batch_size"],
+                 seq_len=cfg["seq_len"], warmup_steps=cfg["warmup_steps"], steps=cfg["steps"],
+                 grad_accum=cfg["grad_accum"], lr=cfg["lr"], weight_decay=cfg["weight_decay"], seed=cfg["seed"],
+                 peak_flops=peaks, peak_source=source)
+
+
+def selected_techniques(names: list[str]):
+    known = [name for name, _, _ in TECHNIQUES]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UserError(f"unknown --rows {', '.join(unknown)}; choose from {', '.join(known)}", "Performance")
+    # the baseline always runs: every other row is read against it
+    return [t for t in TECHNIQUES if not names or t[0] in names or t[0] == "baseline"]
+
+
+def main(argv: list[str]) -> int:
+    cfg, given = ml.parse_flags(ml.script_constants(globals()), argv, __file__, usage=__doc__)
+    device = resolve_device(cfg["device"])
+    defaults = {**(GPU_DEFAULTS if device.type == "cuda" else {}), **(QUICK_DEFAULTS if cfg["quick"] else {})}
+    cfg.update({k: v for k, v in defaults.items() if k not in given})
+    techniques = selected_techniques(cfg["rows"])
+    bench = make_bench(cfg, device)
+
+    g = torch.Generator().manual_seed(bench.seed)
+    tokens = torch.randint(0, bench.cfg.vocab_size, (bench.batch_size, bench.seq_len + 1), generator=g)
+    x, y = tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
+    rows = []
+    for name, label, technique in tqdm(techniques, desc="techniques", unit="row"):
+        rows.append({"row": name, "technique": label, **run_row(bench, technique, x, y)})
+    add_ratios(rows)
+
+    import transformers
+
+    meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": device.type,
+            "device_name": device_name(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "model": bench.model_name, "config": asdict(bench.cfg),
+            "params": ml.count_params(bench.cfg), "batch_size": bench.batch_size, "seq_len": bench.seq_len,
+            "steps": bench.steps, "warmup_steps": bench.warmup_steps, "grad_accum": bench.grad_accum,
+            "flops_per_token": ml.flops_per_token(bench.cfg, bench.seq_len), "peak_flops": bench.peak_flops,
+            "peak_source": bench.peak_source}
+    stem = write_report(Path(cfg["out"]), meta, rows)
+    print(header(meta) + "\n\n" + markdown_table(rows))
+    print(f"\nwrote {stem}.md, {stem}.json and {stem}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    ml.run_main(main)
