@@ -218,13 +218,20 @@ def load_files(builder: str, files: list[Path], text_field: str, where: Path):
         return ds.map(clean_documents, batched=True, remove_columns=ds.column_names, desc="reading",
                       fn_kwargs={"text_field": field, "paragraphs": builder == "text"})
     except (DatasetGenerationError, UnicodeDecodeError, StopIteration) as e:
-        cause = e if isinstance(e, UnicodeDecodeError) else e.__cause__ or e.__context__
-        if isinstance(cause, UnicodeDecodeError):
-            raise UserError(f"{where}: not UTF-8 text ({cause.reason} at byte {cause.start}); convert it first, "
-                            f"e.g. iconv -f latin1 -t utf-8 in.txt > out.txt", "Data sources") from None
-        if isinstance(e, StopIteration) or "SchemaInferenceError" in type(cause).__name__:
-            raise UserError(f"{where}: no text in it (empty file?)", "Data sources") from None
-        raise UserError(f"{where}: cannot read it: {cause or e}", "Data sources") from None
+        raise read_error(e, where) from None
+
+
+def read_error(e: Exception, where) -> UserError:
+    """The user's problem behind an error from deep inside `datasets` (it wraps what a generator raised)."""
+    cause = e if isinstance(e, UnicodeDecodeError) else e.__cause__ or e.__context__
+    if isinstance(cause, UserError):
+        return cause
+    if isinstance(cause, UnicodeDecodeError):
+        return UserError(f"{where}: not UTF-8 text ({cause.reason} at byte {cause.start}); convert it first, "
+                         f"e.g. iconv -f latin1 -t utf-8 in.txt > out.txt", "Data sources")
+    if isinstance(e, StopIteration) or "SchemaInferenceError" in type(cause).__name__:
+        return UserError(f"{where}: no text in it (empty file?)", "Data sources")
+    return UserError(f"{where}: cannot read it: {cause or e}", "Data sources")
 
 
 def load_local(path: Path, text_field: str):
@@ -254,7 +261,7 @@ def stream_documents(stream, text_field: str, max_bytes: int | None) -> Iterator
 def load_hub(name: str, config_name: str | None, text_field: str, max_tokens: int | None):
     """A hub dataset, streamed (fineweb-edu is terabytes) into an on-disk Dataset: all of it, or with a token
     budget, about HUB_BYTES_PER_TOKEN bytes of text per token (tokens are counted exactly afterwards)."""
-    from datasets import Dataset, load_dataset
+    from datasets import load_dataset
     from datasets.exceptions import DatasetNotFoundError
 
     local = "--dataset=corpus.txt or --dataset=folder/"
@@ -268,13 +275,25 @@ def load_hub(name: str, config_name: str | None, text_field: str, max_tokens: in
                         f"check the name, or use local text: {local}", "Data sources") from None
     except ValueError as e:  # e.g. a missing or unknown config name; the first line says which ones exist
         raise UserError(f"hub dataset {name!r}: {str(e).strip().splitlines()[0]}", "Data sources") from None
-    budget = max_tokens * HUB_BYTES_PER_TOKEN if max_tokens else None
-    return Dataset.from_list(list(stream_documents(stream, text_field, budget)))
+    return materialize(stream, text_field, max_tokens * HUB_BYTES_PER_TOKEN if max_tokens else None, name)
+
+
+def materialize(stream, text_field: str, max_bytes: int | None, where: str):
+    """A streamed dataset written to Arrow files in the `datasets` cache, never held in memory all at once."""
+    from datasets import Dataset
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        return Dataset.from_generator(stream_documents, gen_kwargs={"stream": stream, "text_field": text_field,
+                                                                    "max_bytes": max_bytes})
+    except DatasetGenerationError as e:
+        raise read_error(e, where) from None
 
 
 def looks_like_path(dataset: str) -> bool:
-    return (dataset.startswith((".", "/", "~")) or os.sep in dataset.replace("/", "")
-            or builder_for(Path(dataset)) is not None)
+    """A hub name is "owner/name"; anything else that does not exist locally was meant as a path."""
+    return (dataset.startswith((".", "/", "~")) or dataset.endswith("/") or dataset.count("/") > 1
+            or "\\" in dataset or builder_for(Path(dataset)) is not None)
 
 
 def load_corpus(dataset: str, text_field: str = "text", config_name: str | None = None,
@@ -387,13 +406,13 @@ def tokenize_source(dataset: str, tokenizer, text_field: str = "text", config_na
 # Token shards
 
 
-def text_sample(ds, max_bytes: int) -> Iterator[list[str]]:
-    """Batches of documents from the start of the corpus, up to max_bytes of text, to train the BPE on."""
+def text_sample(ds, max_chars: int) -> Iterator[list[str]]:
+    """Batches of documents from the start of the corpus, up to max_chars of text, to train the BPE on."""
     total = 0
     for batch in ds.iter(batch_size=1000):
         yield batch["text"]
         total += sum(len(t) for t in batch["text"])
-        if total >= max_bytes:
+        if total >= max_chars:
             return
 
 
@@ -455,9 +474,10 @@ def prepare(dataset: str = "builtin", data_root: str | Path = "data", vocab_size
     if tokenizer is None:
         check_vocab_size(vocab_size)
         tok_settings = {"bpe": vocab_size, "train_mb": tokenizer_train_mb}
-        tok_name = f"bpe{vocab_size}"
+        tok_name, tok_about = f"bpe{vocab_size}", f"byte-level BPE trained here (vocab_size {vocab_size})"
     else:
         tok_settings = {"pretrained": tokenizer_identity(tokenizer)}
+        tok_about = tokenizer.name_or_path or "a tokenizer object"
         tok_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(tokenizer.name_or_path or "tok").name)[:30]
     settings = {"format": FORMAT_VERSION, "source": source_identity(dataset, text_field, config_name),
                 "tokenizer": tok_settings, "max_tokens": max_tokens or None, "val_fraction": val_fraction,
@@ -474,7 +494,7 @@ def prepare(dataset: str = "builtin", data_root: str | Path = "data", vocab_size
     is_val = pick_validation(len(tokens), val_fraction, seed)
     dtype = token_dtype(len(tokenizer))
     meta = {"format": FORMAT_VERSION, "cache_key": key, "source": dataset, "config_name": config_name,
-            "text_field": text_field, "tokenizer": tokenizer.name_or_path or f"byte-level BPE {vocab_size}",
+            "text_field": text_field, "tokenizer": tok_about,
             "vocab_size": len(tokenizer), "dtype": dtype.name, "documents": len(tokens),
             **split_counts(tokens, is_val), "bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id,
             "pad_id": tokenizer.pad_token_id, "max_tokens": max_tokens or None, "val_fraction": val_fraction,
@@ -485,6 +505,9 @@ def prepare(dataset: str = "builtin", data_root: str | Path = "data", vocab_size
         write_shards(tokens, is_val, tmp, dtype)
         tokenizer.save_pretrained(str(tmp))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        for f in tmp.iterdir():  # on disk before the rename makes the folder count as complete
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, data_dir)
     except OSError:
         if not (data_dir / META_FILE).is_file():  # else another process finished the same folder first: use it
@@ -533,6 +556,8 @@ class BatchLoader:
         if len(self.data) < seq_len + 1:
             raise UserError(f"the {split} split of {data_dir} has {len(self.data):,} tokens, fewer than "
                             f"seq_len+1 = {seq_len + 1}: use a shorter --seq_len or more text", "Data")
+        if not 0 <= rank < world_size:
+            raise UserError(f"rank {rank} is outside world_size {world_size}", "Data")
         self.split, self.batch_size, self.seq_len = split, batch_size, seq_len
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.offsets = np.arange(seq_len + 1)

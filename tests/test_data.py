@@ -96,17 +96,17 @@ def test_max_tokens_keeps_whole_documents_until_the_budget(tmp_path, tiny_tokeni
 
 
 def test_hub_stream_path_with_a_local_stream(tmp_path):
-    """The hub code path (streamed rows, byte budget, text field check), fed by a local streaming dataset."""
+    """The hub code path (streamed rows, byte budget, text field check, on-disk Dataset), fed by a local stream."""
     from datasets import load_dataset
 
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps({"body": d}) + "\n" for d in DOCS))
     stream = load_dataset("json", data_files=str(path), split="train", streaming=True)
-    docs = [row["text"] for row in prepare_data.stream_documents(stream, "body", max_bytes=60)]
-    assert docs == DOCS[:2]  # the budget is passed inside the second document, which is kept whole
-    assert len(list(prepare_data.stream_documents(stream, "body", None))) == len(DOCS)
+    ds = prepare_data.materialize(stream, "body", max_bytes=60, where="rows")
+    assert ds["text"][:] == DOCS[:2]  # the budget is passed inside the second document, which is kept whole
+    assert len(prepare_data.materialize(stream, "body", None, "rows")) == len(DOCS)
     with pytest.raises(UserError, match="no 'text' field"):
-        list(prepare_data.stream_documents(stream, "text", None))
+        prepare_data.materialize(stream, "text", None, "rows")
 
 
 def test_builtin_corpus_prepares_offline_and_is_reused(tmp_path):
