@@ -4,6 +4,7 @@ script writes the other forms:
 
     python export_model.py --checkpoint=out --format=onnx             # out-onnx/model.onnx (input_ids -> logits)
     python export_model.py --checkpoint=out --format=onnx --kv_cache  # + decoder_with_past.onnx
+    python export_model.py --checkpoint=out --format=int8             # out-int8/, loads like any checkpoint
 
 An export is checked before it is put in place (ONNX Runtime against PyTorch on two batch/length shapes) and
 written to a temporary path that is renamed to OUT at the end, so an existing OUT is replaced only with --force,
@@ -12,6 +13,8 @@ only by a complete, checked export, and a failed or interrupted export leaves no
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import os
 import shutil
@@ -23,19 +26,20 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from modern_llm import UserError, count_params, load_model, parse_flags, resolve_checkpoint, run_main, \
-    script_constants
+from modern_llm import CONFIG_FILE, WEIGHTS_FILE, UserError, count_params, load_model, parse_flags, \
+    quantize_int8, resolve_checkpoint, run_main, save_int8_checkpoint, script_constants
 
 CHECKPOINT = "out"  # checkpoint directory, or a training run's OUT_DIR (meaning its newest checkpoint)
-FORMAT = "onnx"  # onnx (see README: Export for the others)
+FORMAT = "onnx"  # onnx or int8
 OUT = ""  # output path; empty: beside the checkpoint, named <checkpoint>-<format>
 FORCE = False  # replace OUT if it already exists
 KV_CACHE = False  # onnx: also write decoder_with_past.onnx (past keys/values in, present out) for fast decoding
 TOLERANCE = 1e-4  # onnx: largest accepted |ONNX Runtime - PyTorch| logit, relative to the largest logit (>= 1)
+INT8_TOLERANCE = 0.05  # int8: warn above this |int8 - fp32| logit error, relative to the largest logit (>= 1)
 
-# Files copied from the checkpoint so an export directory is self-contained (tokenizer, config, chat template).
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "chat_template.jinja")
+# Files copied from the checkpoint so an export directory is self-contained.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+CONFIG_FILES = (CONFIG_FILE, "generation_config.json")
 ONNX_FILE = "model.onnx"
 ONNX_PAST_FILE = "decoder_with_past.onnx"
 PROTOBUF_LIMIT = 2 * 1024**3  # an .onnx file cannot exceed 2 GB: bigger weights go to a .data file beside it
@@ -157,17 +161,44 @@ def check_onnx(model: nn.Module, out_dir: Path, kv_cache: bool, tolerance: float
 def onnx_export(model: nn.Module, checkpoint: Path, out: Path, cfg: dict) -> str:
     out.mkdir()
     export_onnx(model, out, cfg["kv_cache"])
-    copy_side_files(checkpoint, out)
+    copy_files(checkpoint, out, TOKENIZER_FILES + CONFIG_FILES)
     err = check_onnx(model, out, cfg["kv_cache"], cfg["tolerance"])
     return f"ONNX Runtime matches PyTorch: max logit difference {err:.1e} (relative, tolerance {cfg['tolerance']:g})"
+
+
+# -----------------------------------------------------------------------------
+# Weight-only int8 (the format lives in modern_llm.py, so every script loads it)
+
+
+def int8_export(model: nn.Module, checkpoint: Path, out: Path, cfg: dict) -> str:
+    """An int8 checkpoint directory, loaded back to measure what quantization cost: the logit error against
+    the fp32 model and whether the most likely next token is still the same. What stays in floating point (the
+    tied embedding, norms, scales) keeps the dtype the checkpoint was saved in."""
+    hf = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
+    dtype = getattr(torch, str(hf.get("torch_dtype") or hf.get("dtype") or "float32"), torch.float32)
+    ids = {"bos_id": hf.get("bos_token_id"), "eos_id": hf.get("eos_token_id"), "pad_id": hf.get("pad_token_id")}
+    int8 = quantize_int8(copy.deepcopy(model).to(dtype))
+    save_int8_checkpoint(int8, out, extra=lambda tmp: copy_files(checkpoint, tmp, TOKENIZER_FILES), token_ids=ids)
+    int8 = load_model(out, "cpu", torch.float32).eval()
+    x = torch.randint(0, model.cfg.vocab_size, (2, min(64, model.cfg.max_seq_len)),
+                      generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = model(x), int8(x)
+    err, agree = max_error(got, want), (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    mb = [(p / WEIGHTS_FILE).stat().st_size / 1e6 for p in (checkpoint, out)]
+    message = (f"weights {mb[0]:.2f} MB -> {mb[1]:.2f} MB (the embedding and norms stay {str(dtype)[6:]}); "
+               f"max logit error {err:.2e} relative to the largest logit; same top-1 token {agree:.1%}")
+    if err > cfg["int8_tolerance"]:
+        message += f"\nwarning: the logit error is above --int8_tolerance={cfg['int8_tolerance']:g}"
+    return message
 
 
 # -----------------------------------------------------------------------------
 # Writing the output safely
 
 
-def copy_side_files(checkpoint: Path, out_dir: Path) -> None:
-    for name in SIDE_FILES:
+def copy_files(checkpoint: Path, out_dir: Path, names: tuple[str, ...]) -> None:
+    for name in names:
         if (checkpoint / name).is_file():
             shutil.copy2(checkpoint / name, out_dir / name)
 
@@ -207,6 +238,7 @@ def check_out(out: Path, given: Path, checkpoint: Path, force: bool) -> None:
 
 FORMATS: dict[str, Callable[[nn.Module, Path, Path, dict], str]] = {
     "onnx": onnx_export,
+    "int8": int8_export,
 }
 
 
