@@ -367,6 +367,8 @@ def tokenize_documents(ds, tokenizer, num_proc: int | None = None, max_tokens: i
     if not num_proc:
         num_proc = max(1, min(os.cpu_count() or 1, int(ds.data.nbytes / 1e6 // MIN_MB_PER_PROC)))
     num_proc = min(num_proc, len(ds))
+    if num_proc > 1:  # one thread per process; else forked tokenizers warn and turn their threads off anyway
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out = ds.map(tokenize_batch, batched=True, batch_size=1000, num_proc=num_proc if num_proc > 1 else None,
                  remove_columns=["text"], desc="tokenizing",
                  fn_kwargs={"tokenizer": tokenizer, "eos_id": eos_id_of(tokenizer)})
@@ -458,7 +460,7 @@ def tokenizer_identity(tokenizer) -> str:
     """A pretrained tokenizer is known by its contents, not its name: the same files anywhere give the same key."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{text}{tokenizer.eos_token}".encode()).hexdigest()[:16]
 
 
 def prepare(dataset: str = "builtin", data_root: str | Path = "data", vocab_size: int = 8192, tokenizer=None,

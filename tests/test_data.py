@@ -109,6 +109,7 @@ def test_hub_stream_path_with_a_local_stream(tmp_path):
         prepare_data.materialize(stream, "text", None, "rows")
 
 
+@pytest.mark.slow  # ~25 s on a busy 2-core machine
 def test_builtin_corpus_prepares_offline_and_is_reused(tmp_path):
     docs = prepare_data.builtin_documents()
     assert len(docs) > 300 and 1e6 < sum(map(len, docs)) < 2e7
@@ -155,6 +156,24 @@ def saved_tokenizer(tmp_path_factory, tiny_tokenizer):
 def test_token_dtype_widens_for_large_vocabularies():
     assert prepare_data.token_dtype(65536) == np.uint16
     assert prepare_data.token_dtype(65537) == np.uint32
+
+
+def test_vocabularies_over_65536_get_uint32_shards(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(70_000)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens(["<eos>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+    (tmp_path / "big.txt").write_text("\n\n".join(f"w{69_990 + i % 10} w{i}" for i in range(40)))
+    data_dir = prepare_data.prepare(str(tmp_path / "big.txt"), tmp_path / "data", tokenizer=tokenizer,
+                                    val_fraction=0.1)
+    meta = prepare_data.load_meta(data_dir)
+    assert meta["dtype"] == "uint32" and meta["vocab_size"] == 70_001
+    assert meta["train_tokens"] + meta["val_tokens"] == 40 * 3
+    x, y = prepare_data.BatchLoader(data_dir, "train", 8, 5, seed=0).get_batch(0)
+    assert x.max() >= 69_990 and y.max() >= 69_990  # ids above 65,535 survive the round trip
 
 
 @pytest.fixture(scope="module")
@@ -260,6 +279,7 @@ def test_bad_inputs_are_one_line_user_errors(tmp_path):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing half-written
 
 
+@pytest.mark.slow  # ~25 s on a busy 2-core machine
 def test_command_line_summary_reuse_and_error(tmp_path):
     book = tmp_path / "book.txt"
     book.write_text("\n\n".join(DOCS * 3))
