@@ -302,6 +302,7 @@ def load_corpus(dataset: str, text_field: str = "text", config_name: str | None 
     """Any source as a datasets.Dataset of documents in a "text" column."""
     from datasets import Dataset
 
+    dataset = str(dataset)
     if dataset == "builtin":
         ds = Dataset.from_dict({"text": list(builtin_documents())})
     elif Path(dataset).expanduser().exists():
@@ -473,7 +474,7 @@ def prepare(dataset: str = "builtin", data_root: str | Path = "data", vocab_size
     uses that one (with its own vocabulary)."""
     if not 0 <= val_fraction < 1:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}", "Data")
-    tokenizer = as_tokenizer(tokenizer)
+    dataset, tokenizer = str(dataset), as_tokenizer(tokenizer)
     if tokenizer is None:
         check_vocab_size(vocab_size)
         tok_settings = {"bpe": vocab_size, "train_mb": tokenizer_train_mb}
