@@ -82,6 +82,9 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, text_field: str = "text",
     path = resolve_checkpoint(checkpoint)
     model = load_model(path, device, dtype).eval()
     tokenizer = load_tokenizer(path)
+    seq_len = seq_len or model.cfg.max_seq_len
+    if seq_len > model.cfg.max_seq_len:
+        raise UserError(f"--seq_len={seq_len} exceeds the model's context of {model.cfg.max_seq_len}", "Evaluation")
     tokens, n_bytes = tokenize_source(dataset, tokenizer, text_field=text_field, config_name=config_name,
                                       max_tokens=max_tokens)
     tokens = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
@@ -91,9 +94,6 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, text_field: str = "text",
         raise UserError(f"the tokenizer in {path} produces token {int(tokens.max())}, beyond the model's "
                         f"vocabulary of {model.cfg.vocab_size}: tokenizer and weights do not belong together",
                         "Checkpoint does not load")
-    seq_len = seq_len or model.cfg.max_seq_len
-    if seq_len > model.cfg.max_seq_len:
-        raise UserError(f"--seq_len={seq_len} exceeds the model's context of {model.cfg.max_seq_len}", "Evaluation")
     return metrics(total_loss(model, tokens, seq_len, batch_size, device), len(tokens) - 1, n_bytes)
 
 
