@@ -2,6 +2,7 @@
 definitions, streaming text, int8, the command line and the interactive prompt."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -16,6 +17,19 @@ from conftest import ROOT, make_checkpoint
 
 GREEDY = tg.SamplingParams(max_new_tokens=16, temperature=0)
 TEXTS = ["The quick brown fox", "def add(a, b):\n    return", "To", "Héllo wörld, ünïcödé and emoji 🎉 and 日本語"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models' ops are too small to split across threads: on a busy 2-core machine the thread hand-offs
+    made these tests ~20x slower. Restored afterwards for the other test files."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same for the scripts run as subprocesses
 
 
 @pytest.fixture(scope="module")
@@ -307,7 +321,7 @@ def test_cli_errors(sharp_checkpoint, flags, message):
 
 def test_missing_default_checkpoint_exits_with_one_line(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "text_generator.py")], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=120)
+                       text=True, timeout=120, env=ONE_THREAD_ENV)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and "no checkpoint found" in r.stderr and "--checkpoint=DIR" in r.stderr
 
@@ -315,7 +329,7 @@ def test_missing_default_checkpoint_exits_with_one_line(tmp_path):
 def test_interactive_session_through_a_terminal(sharp_checkpoint):
     pexpect = pytest.importorskip("pexpect")
     child = pexpect.spawn(sys.executable, [str(ROOT / "text_generator.py"), f"--checkpoint={sharp_checkpoint}",
-                                           "--max_new_tokens=6"], encoding="utf-8", timeout=60)
+                                           "--max_new_tokens=6"], encoding="utf-8", timeout=60, env=ONE_THREAD_ENV)
     try:
         child.expect_exact(">>> ")
         for line, reply in [("/temp 0", "temperature = 0.0"), ("/bogus", "unknown command /bogus"),
@@ -339,3 +353,14 @@ def test_interactive_session_through_a_terminal(sharp_checkpoint):
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_same_tokens_no_recompile_per_token(sharp_checkpoint, engine, prompts):
+    compiled = tg.Engine(sharp_checkpoint, device="cpu", compile=True)
+    batch, params = [prompts[0], prompts[1]], [tg.SamplingParams(max_new_tokens=12, temperature=0)] * 2
+    assert compiled.generate(batch, params) == engine.generate(batch, params)
+    # other prompts, same batch size and cache bucket: the compiled step is reused, token after token
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = compiled.generate([prompts[2], prompts[0]], params)
+    assert again == engine.generate([prompts[2], prompts[0]], params)
