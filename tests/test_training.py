@@ -1,0 +1,224 @@
+"""gpu_training_optimized.py: the loss falls, resume is exact, a kill at any instant leaves a loadable
+checkpoint, gradient accumulation and torch.compile change nothing, and bad inputs are one-line errors that
+leave OUT_DIR as it was. Tiny model, fp32, one thread (two threads fighting other processes for two cores run
+~10x slower here)."""
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import gpu_training_optimized as train
+import modern_llm
+import prepare_data
+from conftest import ROOT
+
+VOCAB = 512
+SCRIPT = str(ROOT / "gpu_training_optimized.py")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """The built-in corpus with a 512-token BPE, prepared once; every run finds it through --data_root."""
+    root = tmp_path_factory.mktemp("data")
+    prepare_data.prepare("builtin", root, VOCAB)
+    return root
+
+
+def flags(data_root, out, *extra) -> list[str]:
+    """A tiny fp32 eager run; later flags override earlier ones."""
+    return ["--model=tiny", f"--vocab_size={VOCAB}", f"--data_root={data_root}", f"--out_dir={out}",
+            "--batch_size=4", "--seq_len=32", "--dtype=float32", "--compile=false", "--max_minutes=0",
+            "--eval_steps=2", "--warmup_steps=5", "--log_interval=1000", "--eval_interval=1000", *extra]
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in metrics(out) if "loss" in r]
+
+
+def figures(out) -> list[dict]:
+    """metrics.jsonl without the timings, which differ from run to run."""
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu", "elapsed_s")} for r in metrics(out)]
+
+
+def snapshot(path) -> dict:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained_run(data_root, tmp_path_factory):
+    """100 steps of the tiny model with Muon on the built-in corpus (2,048 tokens a step)."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    code = train.main(flags(data_root, out, "--max_steps=100", "--batch_size=16", "--seq_len=128", "--lr=1e-2",
+                            "--optimizer=muon", "--eval_interval=50", "--checkpoint_interval=50", "--eval_steps=4"))
+    assert code == 0
+    return out
+
+
+def test_loss_falls_well_below_the_unigram_entropy(trained_run, data_root):
+    meta = prepare_data.load_meta(next(data_root.iterdir()))
+    val = np.memmap(os.path.join(meta["data_dir"], "val.bin"), dtype=meta["dtype"], mode="r")
+    p = np.bincount(val) / len(val)
+    unigram = -(p[p > 0] * np.log(p[p > 0])).sum()  # the best loss without looking at context
+    evals = [r for r in metrics(trained_run) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 50, 100]
+    assert evals[0]["val_loss"] > unigram  # a random model starts above it (about ln 512)
+    assert evals[-1]["val_loss"] < 0.85 * unigram, (evals, unigram)
+    assert evals[-1]["val_bpb"] < evals[0]["val_bpb"]
+    assert [s for s, _ in losses(trained_run)] == list(range(1, 101))
+    assert (trained_run / "loss.png").stat().st_size > 1000
+
+
+def test_final_model_is_a_hugging_face_directory(trained_run):
+    """OUT_DIR itself holds the final model: transformers loads it and gives our logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert not any("_orig_mod" in k for k in load_file(trained_run / "model.safetensors"))
+    ours = modern_llm.load_model(trained_run)
+    theirs = AutoModelForCausalLM.from_pretrained(trained_run)
+    tok = AutoTokenizer.from_pretrained(trained_run)
+    ids = torch.tensor([tok.encode("def add(a, b):\n    return a + b")])
+    torch.testing.assert_close(theirs(ids).logits, ours(ids), atol=1e-4, rtol=1e-4)
+    names = sorted(p.name for p in modern_llm.list_checkpoints(trained_run))
+    assert names == ["checkpoint-100", "checkpoint-50"]  # KEEP_CHECKPOINTS=2
+
+
+def test_resume_is_bit_exact(data_root, tmp_path):
+    common = ("--max_steps=20", "--checkpoint_interval=5", "--eval_interval=10")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train.main(flags(data_root, straight, *common)) == 0
+    assert train.main(flags(data_root, split, *common, "--stop_after=10")) == 0
+    assert modern_llm.checkpoint_step(modern_llm.list_checkpoints(split)[-1]) == 10
+    assert train.main(flags(data_root, split, *common, "--resume=auto")) == 0
+    a, b = load_file(straight / "model.safetensors"), load_file(split / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(losses(split)) == 20
+    assert figures(straight) == figures(split)  # losses, learning rates, gradient norms, evaluations
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    """2 x 4 micro-batches and 8 x 1 give the same loss, gradient norm and update (SGD: the update is the
+    gradient, so fp32 rounding is all that may differ)."""
+    torch.manual_seed(0)
+    cfg = modern_llm.model_preset("tiny")
+    x, y = torch.randint(0, cfg.vocab_size, (2, 8, 32))
+    results = []
+    for micro in ([(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)], [(x, y)]):
+        torch.manual_seed(1)
+        model = modern_llm.LLM(cfg)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        loss, norm = train.train_step(model, opt, scaler, micro, torch.autocast("cpu", enabled=False), 0.5)
+        results.append((loss, norm, model.state_dict()))
+    (l1, n1, w1), (l2, n2, w2) = results
+    assert n1 > 0.5  # the clip was active, so clipping is compared too
+    assert l1 == pytest.approx(l2, rel=1e-5) and n1 == pytest.approx(n2, rel=1e-5)
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-6, rtol=1e-5)
+
+
+def test_nan_loss_skips_the_update():
+    torch.manual_seed(0)
+    model = modern_llm.LLM(modern_llm.model_preset("tiny"))
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("layers.0.mlp.up_proj.weight")}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randint(0, 512, (2, 16))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    assert train.train_step(model, opt, scaler, [(x, x)], torch.autocast("cpu", enabled=False), 1.0) is None
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not opt.state  # no step was taken
+
+
+@pytest.mark.slow
+def test_compile_matches_eager(data_root, tmp_path):
+    few = ("--max_steps=3", "--checkpoint_interval=1000")
+    assert train.main(flags(data_root, tmp_path / "eager", *few)) == 0
+    assert train.main(flags(data_root, tmp_path / "compiled", *few, "--compile=true")) == 0
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert len(compiled) == 3
+    for (s1, l1), (s2, l2) in zip(eager, compiled):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4, abs=1e-4)
+    saved = load_file(tmp_path / "compiled" / "model.safetensors")
+    assert not any("_orig_mod" in k for k in saved)
+
+
+def start(data_root, out, *extra) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, SCRIPT, *flags(data_root, out, *extra)], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.communicate()[0][-2000:]
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def newest(out):
+    found = modern_llm.list_checkpoints(out) if out.is_dir() else []
+    return found[-1] if found else None
+
+
+def assert_loadable(ckpt) -> int:
+    """A complete checkpoint: weights, config, tokenizer and training state all read back."""
+    modern_llm.load_model(ckpt)
+    prepare_data.load_tokenizer(ckpt)
+    state = torch.load(ckpt / train.TRAINING_STATE, weights_only=True)
+    assert {"optimizer", "scaler", "rng"} <= state.keys()
+    return modern_llm.checkpoint_step(ckpt)
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint_and_sigterm_saves(data_root, tmp_path):
+    out = tmp_path / "out"
+    run = ("--max_steps=100000", "--checkpoint_interval=1", "--keep_checkpoints=2", "--resume=auto")
+    rng = random.Random(0)
+    steps = [0]
+    for _ in range(3):  # saves happen every step, so kills land in the middle of saves and prunes too
+        proc = start(data_root, out, *run)
+        wait_for(lambda: newest(out) and modern_llm.checkpoint_step(newest(out)) > steps[-1], proc)
+        time.sleep(rng.uniform(0.0, 1.5))
+        proc.kill()
+        proc.wait()
+        steps.append(assert_loadable(newest(out)))
+    assert steps == sorted(steps) and steps[-1] > steps[1]  # each run continued from the one before
+
+    proc = start(data_root, out, *run, "--checkpoint_interval=100000")
+    wait_for(lambda: len(losses(out)) >= steps[-1] + 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 143, output[-2000:]
+    assert "--resume=auto" in output
+    last = losses(out)[-1][0]
+    assert assert_loadable(newest(out)) == last > steps[-1]  # saved at the step it stopped
+    assert [s for s, _ in losses(out)] == list(range(1, last + 1))  # no step lost or logged twice
+
+    proc = start(data_root, out, *run, f"--max_steps={last + 2}")
+    assert proc.communicate(timeout=120)[0] and proc.returncode == 0
+    assert modern_llm.checkpoint_step(modern_llm.resolve_checkpoint(out)) == last + 2
