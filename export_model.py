@@ -5,6 +5,7 @@ script writes the other forms:
     python export_model.py --checkpoint=out --format=onnx             # out-onnx/model.onnx (input_ids -> logits)
     python export_model.py --checkpoint=out --format=onnx --kv_cache  # + decoder_with_past.onnx
     python export_model.py --checkpoint=out --format=int8             # out-int8/, loads like any checkpoint
+    python export_model.py --checkpoint=out --format=gguf             # out.gguf, for llama.cpp (pip install gguf)
 
 An export is checked before it is put in place (ONNX Runtime against PyTorch on two batch/length shapes) and
 written to a temporary path that is renamed to OUT at the end, so an existing OUT is replaced only with --force,
@@ -23,6 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -30,12 +32,13 @@ from modern_llm import CONFIG_FILE, WEIGHTS_FILE, UserError, count_params, load_
     quantize_int8, resolve_checkpoint, run_main, save_int8_checkpoint, script_constants
 
 CHECKPOINT = "out"  # checkpoint directory, or a training run's OUT_DIR (meaning its newest checkpoint)
-FORMAT = "onnx"  # onnx or int8
+FORMAT = "onnx"  # onnx, int8 or gguf
 OUT = ""  # output path; empty: beside the checkpoint, named <checkpoint>-<format>
 FORCE = False  # replace OUT if it already exists
 KV_CACHE = False  # onnx: also write decoder_with_past.onnx (past keys/values in, present out) for fast decoding
 TOLERANCE = 1e-4  # onnx: largest accepted |ONNX Runtime - PyTorch| logit, relative to the largest logit (>= 1)
 INT8_TOLERANCE = 0.05  # int8: warn above this |int8 - fp32| logit error, relative to the largest logit (>= 1)
+GGUF_TYPE = "f16"  # gguf: f16 or f32 for the weight matrices (norms stay f32); llama-quantize goes lower
 
 # Files copied from the checkpoint so an export directory is self-contained.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -194,6 +197,100 @@ def int8_export(model: nn.Module, checkpoint: Path, out: Path, cfg: dict) -> str
 
 
 # -----------------------------------------------------------------------------
+# GGUF (llama.cpp)
+
+
+def rope_interleave(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Reorder each head's q/k output rows from Hugging Face's rotate-half RoPE layout (dimension i pairs with
+    i + head_dim/2) to llama.cpp's (2i pairs with 2i+1), as llama.cpp's convert_hf_to_gguf.py does."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_vocab(checkpoint: Path, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Every token id's string (byte-level BPE spelling, as tokenizer.json has it) and llama.cpp token type;
+    ids the model has beyond the tokenizer become unused [PADn] tokens."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(checkpoint))
+    by_id = {i: t for t, i in tok.get_vocab().items()}
+    special = {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    added = set(tok.added_tokens_decoder)
+    if max(by_id) >= vocab_size:
+        raise UserError(f"{checkpoint}: the tokenizer has token id {max(by_id)}, the model only {vocab_size} "
+                        "embeddings", "Checkpoint does not load")
+    tokens, types = [], []
+    for i in range(vocab_size):
+        tokens.append(by_id.get(i, f"[PAD{i}]"))
+        types.append(gguf.TokenType.UNUSED if i not in by_id else gguf.TokenType.CONTROL if i in special
+                     else gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+def gguf_export(model: nn.Module, checkpoint: Path, out: Path, cfg: dict) -> str:
+    """A llama-architecture GGUF file with the byte-level BPE tokenizer ("gpt2" in llama.cpp's terms, GPT-2's
+    pre-tokenizer) and the chat template, read back with gguf's reader before it is put in place."""
+    try:
+        import gguf
+    except ImportError:
+        raise UserError("--format=gguf needs the gguf package: pip install gguf", "Export") from None
+    c = model.cfg
+    if c.qk_norm or c.rope_scaling:
+        raise UserError("--format=gguf writes Llama models only: this checkpoint has qk_norm or rope_scaling; "
+                        "use llama.cpp's convert_hf_to_gguf.py on the checkpoint directory", "Export")
+    types = {"f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16), "f32": (np.float32, gguf.LlamaFileType.ALL_F32)}
+    if cfg["gguf_type"] not in types:
+        raise UserError(f"unknown --gguf_type={cfg['gguf_type']!r}; choose f16 or f32", "Export")
+    matrix_dtype, file_type = types[cfg["gguf_type"]]
+
+    w = gguf.GGUFWriter(str(out), arch="llama")
+    w.add_name(checkpoint.name)
+    w.add_context_length(c.max_seq_len)
+    w.add_embedding_length(c.d_model)
+    w.add_block_count(c.n_layer)
+    w.add_feed_forward_length(c.ffn_hidden)
+    w.add_head_count(c.n_head)
+    w.add_head_count_kv(c.n_kv_head)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    w.add_file_type(file_type)
+    tokens, token_types = gguf_vocab(checkpoint, c.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")  # our ByteLevel pre-tokenizer splits with GPT-2's regex
+    w.add_token_list(tokens)
+    w.add_token_types(token_types)
+    vocab = gguf.SpecialVocab(checkpoint, load_merges=True, n_vocab=c.vocab_size)
+    if isinstance(vocab.chat_template, str):  # {% generation %} marks training masks; llama.cpp's Jinja lacks it
+        vocab.chat_template = vocab.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    vocab.add_to_gguf(w, quiet=True)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.n_layer)
+    for key, t in model.state_dict().items():
+        if key.endswith("q_proj.weight"):
+            t = rope_interleave(t, c.n_head)
+        elif key.endswith("k_proj.weight"):
+            t = rope_interleave(t, c.n_kv_head)
+        data = t.detach().float().numpy()
+        w.add_tensor(names.get_name(key, try_suffixes=(".weight",)), data.astype(matrix_dtype if data.ndim == 2
+                                                                                     else np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    back = gguf.GGUFReader(str(out))
+    arch = back.get_field("general.architecture")
+    if arch.contents() != "llama" or len(back.tensors) != len(model.state_dict()):
+        raise RuntimeError(f"{out}: the GGUF file does not read back as written; nothing was written")
+    return (f"GGUF reads back: llama, {len(back.tensors)} tensors ({cfg['gguf_type']}), {len(tokens)} tokens, "
+            f"{out.stat().st_size / 1e6:.2f} MB")
+
+
+# -----------------------------------------------------------------------------
 # Writing the output safely
 
 
@@ -239,6 +336,7 @@ def check_out(out: Path, given: Path, checkpoint: Path, force: bool) -> None:
 FORMATS: dict[str, Callable[[nn.Module, Path, Path, dict], str]] = {
     "onnx": onnx_export,
     "int8": int8_export,
+    "gguf": gguf_export,
 }
 
 

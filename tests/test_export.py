@@ -176,3 +176,41 @@ def test_output_that_would_replace_the_checkpoint_is_refused(tiny_checkpoint, ca
         code, text = run([f"--checkpoint={tiny_checkpoint}", "--format=int8", f"--out={out}", "--force"], capsys)
         assert code == 2 and "would replace the checkpoint" in text
     assert sorted(os.listdir(tiny_checkpoint)) == before
+
+
+# -----------------------------------------------------------------------------
+# GGUF
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("gguf"), reason="gguf is optional: pip install gguf")
+def test_gguf_reads_back_in_transformers_with_same_logits_and_tokens(tiny_tokenizer, tmp_path, capsys):
+    """transformers' GGUF loader undoes llama.cpp's conventions (interleaved RoPE rows, token spellings), so equal
+    logits and token ids show the file follows them. GQA with head_dim != d_model / n_head covers the
+    key_length and per-KV-head reordering."""
+    from conftest import make_checkpoint
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", tiny_tokenizer, seed=4, head_dim=32, n_kv_head=2)
+    code, text = run([f"--checkpoint={ckpt}", "--format=gguf", "--gguf_type=f32"], capsys)
+    assert code == 0, text
+    out = tmp_path / "ckpt.gguf"
+    assert "GGUF reads back" in text and out.is_file()
+
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name, dtype=torch.float32).eval()
+    ours = modern_llm.load_model(ckpt).eval()
+    ids = torch.randint(0, ours.cfg.vocab_size, (2, 30), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=0, atol=1e-4)
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=out.name)
+    sample = "Héllo wörld <|im_start|>user\nTo be, or not 🎉 日本語<|im_end|>"
+    assert tok.encode(sample) == tiny_tokenizer.encode(sample)
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|bos|>", "<|eos|>", "<|pad|>")
+    assert "<|im_start|>" in tok.chat_template and "{% generation %}" not in tok.chat_template
+
+
+def test_gguf_without_the_package_names_it(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf now raises ImportError
+    code, text = run([f"--checkpoint={tiny_checkpoint}", "--format=gguf", f"--out={tmp_path / 'm.gguf'}"], capsys)
+    assert code == 2 and "pip install gguf" in text
+    assert os.listdir(tmp_path) == []
