@@ -16,6 +16,7 @@ measured on the reference machine (2-core AMD EPYC Zen 5 CPU, `small` model, bat
 from __future__ import annotations
 
 import gc
+import importlib.metadata
 import json
 import platform
 import statistics
@@ -174,13 +175,15 @@ def fused_adamw(bench: Bench) -> Setup | str:
 
 
 def muon(bench: Bench) -> Setup | str:
-    """Muon (muon_optimizer.py) orthogonalises the momentum of each block matrix with a few Newton-Schulz
-    iterations; embeddings and norms keep AdamW.
+    """Muon (muon_optimizer.py) orthogonalises the momentum of each block matrix with 5 Newton-Schulz
+    iterations in bf16; embeddings and norms keep AdamW.
 
-    Why it can help: it reaches a given loss in fewer steps (~1.3-1.5x fewer in the modded-nanoGPT runs), and
-    it keeps one state tensor per matrix instead of AdamW's two. What it costs: 5 Newton-Schulz iterations are
-    extra matmuls each step, about 5 * 2 * 3 * d^3... per matrix, so its step is slower than AdamW's; the
-    trade is per-step time for fewer steps, which this table (time per step only) cannot show.
+    Why it can help: it reaches a given loss in fewer steps (~1.35x fewer in the modded-nanoGPT speedrun), and
+    keeps one state tensor per matrix instead of AdamW's two. What it costs: Newton-Schulz on an m x n matrix
+    (m <= n) is about 30*m*m*n FLOPs a step, against 6*m*n per token for the training itself, so the optimizer
+    adds ~5*m/tokens-per-step of the step's matmul work: ~1.5% at d=768 with 2^18 tokens per step, but as much
+    as the whole forward+backward at this table's 2,048. The table shows time per step only; fewer steps to
+    the same loss is muon_optimizer.py's own benchmark.
     """
     try:
         import muon_optimizer  # noqa: F401
@@ -422,8 +425,10 @@ def measure(bench: Bench, setup: Setup, x: torch.Tensor, y: torch.Tensor) -> dic
         return train_step(bench, setup, runnable, opt, batches)
 
     with Float32Precision("high" if setup.tf32 else "highest"):
+        t0 = time.perf_counter()
         for _ in range(bench.warmup_steps):
             step()
+        warmup_s = time.perf_counter() - t0  # compilation shows here
         if bench.cuda:
             torch.cuda.reset_peak_memory_stats(bench.device)
         times = [step() for _ in range(bench.steps)]
@@ -437,6 +442,7 @@ def measure(bench: Bench, setup: Setup, x: torch.Tensor, y: torch.Tensor) -> dic
         "optimizer_ms": 1000 * statistics.median(o for _, o in times),
         "peak_mib": peak / 2**20,
         "mfu": flops / bench.peak_flops[setup.precision],
+        "warmup_s": warmup_s,
     }
 
 
@@ -540,9 +546,10 @@ def markdown_table(rows: list[dict]) -> str:
 def header(meta: dict) -> str:
     peaks = ", ".join(f"{k} {v / 1e12:.2f}" for k, v in meta["peak_flops"].items())
     return (f"{meta['date']}, {meta['device_name']} ({meta['device']}, {meta['threads']} threads), "
-            f"torch {meta['torch']}: model `{meta['model']}` ({meta['params'] / 1e6:.1f}M params), batch "
-            f"{meta['batch_size']} x {meta['seq_len']} tokens, median of {meta['steps']} steps after "
-            f"{meta['warmup_steps']} warm-up. MFU against peak TFLOP/s {peaks} ({meta['peak_source']}).")
+            f"torch {meta['torch']}, transformers {meta['transformers']}: model `{meta['model']}` "
+            f"({meta['params'] / 1e6:.1f}M params), batch {meta['batch_size']} x {meta['seq_len']} tokens, median "
+            f"of {meta['steps']} steps after {meta['warmup_steps']} warm-up. MFU against peak TFLOP/s {peaks} "
+            f"({meta['peak_source']}).")
 
 
 def draw(rows: list[dict], path: Path) -> None:
@@ -575,6 +582,13 @@ def write_report(out: Path, meta: dict, rows: list[dict]) -> Path:
 
 
 # -----------------------------------------------------------------------------
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -630,11 +644,9 @@ def main(argv: list[str]) -> int:
         rows.append({"row": name, "technique": label, **run_row(bench, technique, x, y)})
     add_ratios(rows)
 
-    import transformers
-
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": device.type,
             "device_name": device_name(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "model": bench.model_name, "config": asdict(bench.cfg),
+            "transformers": package_version("transformers"), "model": bench.model_name, "config": asdict(bench.cfg),
             "params": ml.count_params(bench.cfg), "batch_size": bench.batch_size, "seq_len": bench.seq_len,
             "steps": bench.steps, "warmup_steps": bench.warmup_steps, "grad_accum": bench.grad_accum,
             "flops_per_token": ml.flops_per_token(bench.cfg, bench.seq_len), "peak_flops": bench.peak_flops,
