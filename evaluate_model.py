@@ -84,12 +84,13 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, text_field: str = "text",
     tokenizer = load_tokenizer(path)
     seq_len = seq_len or model.cfg.max_seq_len
     if seq_len > model.cfg.max_seq_len:
-        raise UserError(f"--seq_len={seq_len} exceeds the model's context of {model.cfg.max_seq_len}", "Evaluation")
+        raise UserError(f"--seq_len={seq_len} exceeds the model's context of {model.cfg.max_seq_len}",
+                        "Evaluation errors")
     tokens, n_bytes = tokenize_source(dataset, tokenizer, text_field=text_field, config_name=config_name,
                                       max_tokens=max_tokens)
     tokens = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
     if len(tokens) < 2 or n_bytes == 0:
-        raise UserError(f"{dataset}: {len(tokens)} token(s); evaluation needs at least 2", "Evaluation")
+        raise UserError(f"{dataset}: {len(tokens)} token(s); evaluation needs at least 2", "Evaluation errors")
     if int(tokens.max()) >= model.cfg.vocab_size:
         raise UserError(f"the tokenizer in {path} produces token {int(tokens.max())}, beyond the model's "
                         f"vocabulary of {model.cfg.vocab_size}: tokenizer and weights do not belong together",
@@ -100,9 +101,9 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, text_field: str = "text",
 def main(argv: list[str]) -> int:
     cfg, _ = parse_flags(script_constants(globals()), argv, __file__, usage=__doc__)
     if not cfg["dataset"]:
-        raise UserError("say what to evaluate on: --dataset=FILE_OR_NAME", "Evaluation")
+        raise UserError("say what to evaluate on: --dataset=FILE_OR_NAME", "Evaluation errors")
     if cfg["batch_size"] < 1 or cfg["seq_len"] < 0 or cfg["max_tokens"] < 0:
-        raise UserError("--batch_size must be >= 1, --seq_len and --max_tokens >= 0", "Evaluation")
+        raise UserError("--batch_size must be >= 1, --seq_len and --max_tokens >= 0", "Evaluation errors")
     device = pick_device(cfg["device"])
     m = evaluate_checkpoint(cfg["checkpoint"], cfg["dataset"], cfg["text_field"], cfg["config_name"] or None,
                             cfg["max_tokens"] or None, cfg["seq_len"], cfg["batch_size"], device,

@@ -233,14 +233,14 @@ def gguf_export(model: nn.Module, checkpoint: Path, out: Path, cfg: dict) -> str
     try:
         import gguf
     except ImportError:
-        raise UserError("--format=gguf needs the gguf package: pip install gguf", "Export") from None
+        raise UserError("--format=gguf needs the gguf package: pip install gguf", "Export errors") from None
     c = model.cfg
     if c.qk_norm or c.rope_scaling:
         raise UserError("--format=gguf writes Llama models only: this checkpoint has qk_norm or rope_scaling; "
-                        "use llama.cpp's convert_hf_to_gguf.py on the checkpoint directory", "Export")
+                        "use llama.cpp's convert_hf_to_gguf.py on the checkpoint directory", "Export errors")
     types = {"f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16), "f32": (np.float32, gguf.LlamaFileType.ALL_F32)}
     if cfg["gguf_type"] not in types:
-        raise UserError(f"unknown --gguf_type={cfg['gguf_type']!r}; choose f16 or f32", "Export")
+        raise UserError(f"unknown --gguf_type={cfg['gguf_type']!r}; choose f16 or f32", "Export errors")
     matrix_dtype, file_type = types[cfg["gguf_type"]]
 
     w = gguf.GGUFWriter(str(out), arch="llama")
@@ -310,7 +310,7 @@ def write_atomically(out: Path, build: Callable[[Path], str], force: bool) -> st
         message = build(staged)
         if out.exists() or out.is_symlink():
             if not force:  # it appeared while we were exporting
-                raise UserError(f"{out} already exists; pass --force to replace it", "Export")
+                raise UserError(f"{out} already exists; pass --force to replace it", "Export errors")
             os.replace(out, tmp / "old")
         os.replace(staged, out)
         return message
@@ -328,9 +328,9 @@ def check_out(out: Path, given: Path, checkpoint: Path, force: bool) -> None:
     out_abs = out.resolve()
     for p in (given.resolve(), checkpoint.resolve()):
         if out_abs == p or out_abs in p.parents:
-            raise UserError(f"--out={out} would replace the checkpoint {p}; choose another path", "Export")
+            raise UserError(f"--out={out} would replace the checkpoint {p}; choose another path", "Export errors")
     if (out.exists() or out.is_symlink()) and not force:
-        raise UserError(f"{out} already exists; pass --force to replace it", "Export")
+        raise UserError(f"{out} already exists; pass --force to replace it", "Export errors")
 
 
 FORMATS: dict[str, Callable[[nn.Module, Path, Path, dict], str]] = {
@@ -344,7 +344,7 @@ def main(argv: list[str]) -> int:
     cfg, _ = parse_flags(script_constants(globals()), argv, __file__, usage=__doc__)
     fmt = cfg["format"].lower()
     if fmt not in FORMATS:
-        raise UserError(f"unknown --format={cfg['format']!r}; choose one of {', '.join(FORMATS)}", "Export")
+        raise UserError(f"unknown --format={cfg['format']!r}; choose one of {', '.join(FORMATS)}", "Export errors")
     checkpoint = resolve_checkpoint(cfg["checkpoint"])
     out = Path(cfg["out"]) if cfg["out"] else default_out(checkpoint, fmt)
     check_out(out, Path(cfg["checkpoint"]), checkpoint, cfg["force"])
