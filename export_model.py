@@ -245,19 +245,15 @@ def gguf_export(model: nn.Module, checkpoint: Path, out: Path, cfg: dict) -> str
 
     w = gguf.GGUFWriter(str(out), arch="llama")
     w.add_name(checkpoint.name)
-    w.add_context_length(c.max_seq_len)
-    w.add_embedding_length(c.d_model)
-    w.add_block_count(c.n_layer)
-    w.add_feed_forward_length(c.ffn_hidden)
-    w.add_head_count(c.n_head)
-    w.add_head_count_kv(c.n_kv_head)
-    w.add_key_length(c.head_dim)
-    w.add_value_length(c.head_dim)
-    w.add_rope_dimension_count(c.head_dim)
-    w.add_rope_freq_base(c.rope_theta)
-    w.add_layer_norm_rms_eps(c.norm_eps)
-    w.add_vocab_size(c.vocab_size)
-    w.add_file_type(file_type)
+    hyperparameters = {  # llama.cpp's llama.* keys, through the writer's add_<key> methods
+        "context_length": c.max_seq_len, "embedding_length": c.d_model, "block_count": c.n_layer,
+        "feed_forward_length": c.ffn_hidden, "head_count": c.n_head, "head_count_kv": c.n_kv_head,
+        "key_length": c.head_dim, "value_length": c.head_dim, "rope_dimension_count": c.head_dim,
+        "rope_freq_base": c.rope_theta, "layer_norm_rms_eps": c.norm_eps, "vocab_size": c.vocab_size,
+        "file_type": file_type,
+    }
+    for key, value in hyperparameters.items():
+        getattr(w, f"add_{key}")(value)
     tokens, token_types = gguf_vocab(checkpoint, c.vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")  # our ByteLevel pre-tokenizer splits with GPT-2's regex
