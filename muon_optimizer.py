@@ -19,9 +19,11 @@ Update scaling (`scaling=`):
 The names are torch.optim.Muon's `adjust_lr_fn` values (PyTorch 2.9+), whose single-device update this one
 equals; this file adds the Muon+AdamW split, distributed orthogonalisation and FSDP2 (DTensor) parameters.
 
-Distributed: under torchrun every rank keeps the full momentum (cheap, and any rank's state_dict is a whole
-checkpoint), orthogonalises only its share of the matrices, then all_gather hands every rank all updates.
-The parameters end identical to a one-process run.
+Distributed: under torchrun every rank keeps the momentum of every matrix it holds (cheap, and with DDP any
+rank's state_dict is a whole checkpoint), orthogonalises only its share of the matrices, then all_gather hands
+every rank all updates: the parameters end identical to a one-process run. With FSDP2 (DTensor shards) each
+momentum is gathered whole, world_size matrices at a time, and each rank keeps its shard of the update.
+Every rank must step the same parameters (a matrix without a gradient on one rank only would hang the rest).
 
 Run `python muon_optimizer.py` to train the `small` model with Muon+AdamW and with AdamW, each over a short
 learning-rate sweep, and print/draw their validation losses (see README: Muon).
@@ -141,32 +143,28 @@ def _like_param(update: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return replicated.redistribute(p.device_mesh, p.placements)
 
 
-def orthogonalise_all(mats: list[torch.Tensor], ns_steps: int) -> list[torch.Tensor]:
-    """newton_schulz of every matrix. With a process group, matrices of one shape are dealt out round-robin,
-    each rank orthogonalises its own and all_gather collects them, so the expensive part is split world_size
-    ways and every rank ends with every result."""
+def same_shape_chunks(shapes: list[torch.Size], world: int) -> list[list[int]]:
+    """Indices of the matrices, grouped by shape (all_gather needs one shape on every rank), world at a time:
+    rank r orthogonalises the r-th matrix of each chunk. Every rank computes the same list."""
+    by_shape: dict[tuple, list[int]] = defaultdict(list)
+    for i, shape in enumerate(shapes):
+        by_shape[tuple(shape)].append(i)
+    return [indices[start:start + world] for indices in by_shape.values() for start in range(0, len(indices), world)]
+
+
+def orthogonalise_chunk(mats: list[torch.Tensor], ns_steps: int) -> list[torch.Tensor]:
+    """newton_schulz of up to world_size same-shape matrices: each rank does its own, all_gather shares them,
+    so the expensive part is split world_size ways and every rank ends with every result."""
     rank, world = _rank_and_world()
     if world == 1:
         return [newton_schulz(m, ns_steps) for m in mats]
-    out: list[torch.Tensor | None] = [None] * len(mats)
-    by_shape: dict[tuple, list[int]] = defaultdict(list)  # all_gather needs the same shape on every rank
-    for i, m in enumerate(mats):
-        by_shape[tuple(m.shape)].append(i)
-    pending = []
-    for shape, indices in by_shape.items():
-        for start in range(0, len(indices), world):
-            chunk = indices[start:start + world]
-            if rank < len(chunk):
-                mine = newton_schulz(mats[chunk[rank]], ns_steps).contiguous()
-            else:  # fewer matrices than ranks left: send a placeholder nobody reads
-                mine = mats[chunk[0]].new_zeros(shape, dtype=torch.bfloat16)
-            gathered = [torch.empty_like(mine) for _ in range(world)]
-            pending.append(dist.all_gather(gathered, mine, async_op=True))
-            for i, result in zip(chunk, gathered):
-                out[i] = result
-    for work in pending:
-        work.wait()
-    return out
+    if rank < len(mats):
+        mine = newton_schulz(mats[rank], ns_steps).contiguous()
+    else:  # fewer matrices than ranks left: send a placeholder nobody reads
+        mine = mats[0].new_zeros(mats[0].shape, dtype=torch.bfloat16)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine)
+    return gathered[:len(mats)]
 
 
 class Muon(torch.optim.Optimizer):
@@ -205,22 +203,26 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        _, world = _rank_and_world()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            m = group["momentum"]
-            directions = []
-            for p in params:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - m)
-                directions.append(_full(p.grad.lerp(buf, m) if group["nesterov"] else buf))
-            updates = orthogonalise_all(directions, group["ns_steps"])
-            for p, u in zip(params, updates):
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(_like_param(u, p), alpha=-group["lr"] * update_scale(p.shape, group["scaling"]))
+            # A chunk at a time, so an FSDP2 run holds only world_size gathered matrices at once.
+            for chunk in same_shape_chunks([p.shape for p in params], world):
+                directions = [_full(self._momentum_direction(params[i], group)) for i in chunk]
+                for i, update in zip(chunk, orthogonalise_chunk(directions, group["ns_steps"])):
+                    p = params[i]
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(_like_param(update, p), alpha=-group["lr"] * update_scale(p.shape, group["scaling"]))
         return loss
+
+    def _momentum_direction(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        """Update p's momentum buffer with its gradient; the direction to orthogonalise (Nesterov or plain)."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad)
+        buf = state["momentum_buffer"]
+        buf.lerp_(p.grad, 1 - group["momentum"])
+        return p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
 
 
 # -----------------------------------------------------------------------------
