@@ -88,7 +88,7 @@ class SamplingParams:
         ]
         for name, ok, rule in checks:
             if not ok:
-                raise UserError(f"{name} {rule}, got {getattr(self, name)!r}", "Generation")
+                raise UserError(f"{name} {rule}, got {getattr(self, name)!r}", "Generation errors")
 
 
 def apply_penalties(logits: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tensor | None,
@@ -284,9 +284,9 @@ def pick_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps", "Generation") from None
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps", "Generation errors") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device={name} but PyTorch sees no CUDA GPU; use --device=cpu", "Generation")
+        raise UserError(f"--device={name} but PyTorch sees no CUDA GPU; use --device=cpu", "Generation errors")
     return device
 
 
@@ -296,7 +296,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32  # many CPUs have no fast bf16; NOTES.md shows where bf16 does pay off
     if name not in DTYPES:
-        raise UserError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}", "Generation")
+        raise UserError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}", "Generation errors")
     return DTYPES[name]
 
 
@@ -319,7 +319,7 @@ class Engine:
     def __init__(self, checkpoint: str | Path, device: str = "auto", dtype: str = "auto",
                  quantize: str | None = None, compile: bool = False, max_batch_size: int = 16):
         if quantize not in (None, "", "int8"):
-            raise UserError(f"unknown quantization {quantize!r}; the choice is int8 (or nothing)", "Generation")
+            raise UserError(f"unknown quantization {quantize!r}; the choice is int8 (or nothing)", "Generation errors")
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.path = resolve_checkpoint(checkpoint)
@@ -375,13 +375,13 @@ class Engine:
     # -- the public API ----------------------------------------------------------------------------------------
     def check_prompt(self, prompt: list[int]) -> None:
         if not prompt:
-            raise UserError("the prompt is empty: give some text to continue", "Generation")
+            raise UserError("the prompt is empty: give some text to continue", "Generation errors")
         if len(prompt) >= self.max_seq_len:
             raise UserError(f"the prompt has {len(prompt)} tokens, the model's context is {self.max_seq_len}: "
-                            "shorten it to leave room for the answer", "Generation")
+                            "shorten it to leave room for the answer", "Generation errors")
         vocab = self.model.cfg.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
-            raise UserError(f"prompt token ids must lie in [0, {vocab})", "Generation")
+            raise UserError(f"prompt token ids must lie in [0, {vocab})", "Generation errors")
 
     def stream(self, prompts: list[list[int]], params: list[SamplingParams],
                cancelled: Callable[[int], bool] | None = None) -> Iterator[list[TokenEvent | None]]:
@@ -392,7 +392,7 @@ class Engine:
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
         if not 1 <= len(prompts) <= self.max_batch_size:
             raise UserError(f"{len(prompts)} prompts in one batch; this engine takes 1 to {self.max_batch_size}",
-                            "Generation")
+                            "Generation errors")
         for prompt, p in zip(prompts, params):
             self.check_prompt(prompt)
             p.validate()
@@ -443,3 +443,192 @@ class Engine:
                         reasons[i] = ev.finish_reason or ""
             out += [Completion(t, ids, r, len(x), len(ids)) for t, ids, r, x in zip(texts, tokens, reasons, chunk)]
         return out
+
+
+# -----------------------------------------------------------------------------
+# The interactive prompt
+
+HELP = """commands:
+  /temp 0.7    temperature (0 = greedy)       /top_k 50    sample among the k best (0 = off)
+  /top_p 0.9   nucleus sampling (1 = off)     /min_p 0.05  drop unlikely tokens (0 = off)
+  /rep 1.1     repetition penalty (1 = off)   /max 200     tokens per answer at most
+  /seed 1      reproducible sampling (/seed -1: random)     /greedy      same as /temp 0
+  /chat        switch chat mode (chat template, keeps the conversation) on or off
+  /reset       forget the conversation        /settings    show the settings
+  /help        this text                      /quit        leave (or Ctrl-D)
+Ctrl-C stops the answer being written, not the program."""
+
+# command -> the SamplingParams field it sets and how to read its value
+SETTINGS = {"/temp": ("temperature", float), "/top_k": ("top_k", int), "/top_p": ("top_p", float),
+            "/min_p": ("min_p", float), "/rep": ("repetition_penalty", float), "/max": ("max_new_tokens", int),
+            "/seed": ("seed", int)}
+
+
+class Session:
+    """The interactive prompt's state: sampling settings, chat mode and the conversation so far."""
+
+    def __init__(self, engine: Engine, params: SamplingParams, chat: bool):
+        self.engine, self.params = engine, params
+        self.chat = chat and self.has_chat_template()
+        self.messages: list[dict] = []
+
+    def has_chat_template(self) -> bool:
+        if self.engine.tokenizer.chat_template:
+            return True
+        print("this checkpoint's tokenizer has no chat template: chat mode is unavailable")
+        return False
+
+    def command(self, line: str) -> bool:
+        """Carry out a /command; False means quit."""
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if name in ("/quit", "/exit"):
+            return False
+        if name in SETTINGS:
+            self.set(name, arg)
+        elif name == "/greedy":
+            self.params.temperature = 0.0
+            print("temperature = 0 (greedy)")
+        elif name == "/chat":
+            self.chat = not self.chat and self.has_chat_template()
+            self.messages = []
+            print("chat mode on: a new conversation" if self.chat else "chat mode off: text is continued")
+        elif name == "/reset":
+            self.messages = []
+            print("conversation forgotten")
+        elif name == "/settings":
+            print(", ".join(f"{k} = {v}" for k, v in asdict(self.params).items()) + f", chat = {self.chat}")
+        elif name == "/help":
+            print(HELP)
+        else:
+            print(f"unknown command {name}; /help lists the commands")
+        return True
+
+    def set(self, name: str, arg: str) -> None:
+        key, kind = SETTINGS[name]
+        try:
+            value = kind(arg)
+        except ValueError:
+            print(f"{name} needs a {'whole number' if kind is int else 'number'}, e.g. {name} 1")
+            return
+        if key == "seed" and value < 0:
+            value = None
+        new = replace(self.params, **{key: value})
+        try:
+            new.validate()
+        except UserError as e:
+            print(e.args[0])
+            return
+        self.params = new
+        print(f"{key} = {value}")
+
+    def prompt_ids(self, text: str) -> list[int]:
+        tok = self.engine.tokenizer
+        if not self.chat:
+            return tok.encode(text, add_special_tokens=False)
+        self.messages.append({"role": "user", "content": text})
+        chat = tok.apply_chat_template(self.messages, tokenize=False, add_generation_prompt=True)
+        return tok.encode(chat, add_special_tokens=False)
+
+    def answer(self, text: str) -> None:
+        """Stream the answer to `text`; Ctrl-C stops it and keeps what was written."""
+        try:
+            ids = self.prompt_ids(text)
+            events = self.engine.stream([ids], [self.params])
+            reply, n, start = "", 0, time.perf_counter()
+            try:
+                for (ev,) in events:
+                    print(ev.text_delta, end="", flush=True)
+                    reply += ev.text_delta
+                    n += ev.token_id is not None
+            except KeyboardInterrupt:
+                print(" [stopped]", end="")
+            finally:
+                events.close()
+            seconds = time.perf_counter() - start
+            print(f"\n[{n} tokens, {n / seconds:.1f} tokens/s]")
+            if self.chat:
+                self.messages.append({"role": "assistant", "content": reply})
+        except UserError as e:
+            if self.chat:
+                self.messages.pop()  # the message that did not fit is not part of the conversation
+            print(f"error: {e.args[0]}" + (" (/reset starts a new conversation)" if self.chat else ""))
+
+    def loop(self) -> None:
+        print(f"{self.engine.path} ({'chat' if self.chat else 'text completion'} mode). /help lists the commands.")
+        while True:
+            try:
+                line = input("chat> " if self.chat else ">>> ")
+            except EOFError:
+                print()
+                return
+            except KeyboardInterrupt:
+                print("\n(/quit or Ctrl-D leaves)")
+                continue
+            if line.strip().startswith("/"):
+                if not self.command(line.strip()):
+                    return
+            elif line.strip():
+                self.answer(line)
+            else:
+                print("empty prompt: type some text, or /help")
+
+
+# -----------------------------------------------------------------------------
+# One-shot mode and main
+
+
+def read_prompts(cfg: dict) -> list[str]:
+    prompts = list(cfg["prompt"])
+    if cfg["prompts_file"]:
+        try:
+            lines = Path(cfg["prompts_file"]).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read --prompts_file={cfg['prompts_file']}: {e}", "Generation errors") from None
+        prompts += [line for line in lines if line.strip()]
+    if any(not p.strip() for p in prompts):
+        raise UserError("--prompt is empty: give some text to continue", "Generation errors")
+    return prompts
+
+
+def one_shot(engine: Engine, prompts: list[str], params: SamplingParams) -> None:
+    """A single prompt streams its continuation; several print theirs one after another, batched."""
+    ids = [engine.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    for x in ids:
+        engine.check_prompt(x)
+    if len(prompts) == 1:
+        for (ev,) in engine.stream(ids, [params]):
+            print(ev.text_delta, end="", flush=True)
+        print()
+        return
+    # each row its own seed, so a prompt's text does not depend on where it sits in the batch
+    rows = [replace(params, seed=None if params.seed is None else params.seed + i) for i in range(len(ids))]
+    for i, (prompt, c) in enumerate(zip(prompts, engine.generate(ids, rows))):
+        print(f"--- {i + 1}: {prompt}\n{c.text}")
+
+
+def main(argv: list[str]) -> int:
+    cfg, given = parse_flags(script_constants(globals()), argv, __file__, usage=__doc__)
+    if cfg["benchmark"]:
+        return benchmark()
+    if cfg["batch_size"] < 1:
+        raise UserError(f"--batch_size must be at least 1, got {cfg['batch_size']}", "Generation errors")
+    params = SamplingParams(max_new_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"], top_k=cfg["top_k"],
+                            top_p=cfg["top_p"], min_p=cfg["min_p"], repetition_penalty=cfg["repetition_penalty"],
+                            stop=cfg["stop"], seed=None if cfg["seed"] < 0 else cfg["seed"])
+    params.validate()
+    prompts = read_prompts(cfg)
+    if "checkpoint" not in given and not Path(cfg["checkpoint"]).exists():
+        raise UserError(f"no checkpoint found: {cfg['checkpoint']}/ does not exist. Train one "
+                        "(python gpu_training_optimized.py) or pass --checkpoint=DIR", "Generation errors")
+    engine = Engine(cfg["checkpoint"], cfg["device"], cfg["dtype"], cfg["quantize"] or None, cfg["compile"],
+                    max_batch_size=cfg["batch_size"])
+    if prompts:
+        one_shot(engine, prompts, params)
+    else:
+        Session(engine, params, cfg["chat"]).loop()
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
