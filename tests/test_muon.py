@@ -205,10 +205,10 @@ def train(model, opt, steps: int, first_step: int = 0) -> None:
 def test_resume_from_state_dict_is_bit_identical(name):
     model = tiny_model()
     opt = mo.build_optimizer(model, name, lr=3e-3, weight_decay=0.1)
-    train(model, opt, 3)
+    train(model, opt, 2)
     saved = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, saved)
-    train(model, opt, 3, first_step=3)
+    train(model, opt, 2, first_step=2)
 
     saved.seek(0)
     ckpt = torch.load(saved, weights_only=True)  # how the training script reads it: no pickled code
@@ -216,7 +216,7 @@ def test_resume_from_state_dict_is_bit_identical(name):
     resumed.load_state_dict(ckpt["model"])
     opt2 = mo.build_optimizer(resumed, name, lr=1.0, weight_decay=0.5)  # the saved settings must win
     opt2.load_state_dict(ckpt["opt"])
-    train(resumed, opt2, 3, first_step=3)
+    train(resumed, opt2, 2, first_step=2)
     for (k, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
 
@@ -280,3 +280,39 @@ def test_bad_settings_raise_one_clear_error(make):
     with pytest.raises(UserError) as err:
         make(torch.zeros(4, 4, requires_grad=True))
     assert "\n" not in str(err.value) and err.value.section == "Muon settings rejected"
+
+
+# -----------------------------------------------------------------------------
+# The benchmark's arithmetic and flags (its training runs are minutes long: run by hand, see README: Muon)
+
+
+def test_steps_to_reach_interpolates_between_evaluations():
+    curve = [(0, 9.0), (10, 7.0), (20, 6.0), (30, 5.5)]
+    assert mo.steps_to_reach(curve, 6.5) == pytest.approx(15.0)
+    assert mo.steps_to_reach(curve, 6.0) == pytest.approx(20.0)
+    assert mo.steps_to_reach(curve, 9.5) == 0
+    assert mo.steps_to_reach(curve, 5.0) is None
+
+
+def test_report_compares_the_best_runs_and_draws_them(tmp_path):
+    def run(name, lr, losses, ms):
+        curve = list(zip(range(0, 10 * len(losses), 10), losses))
+        return {"optimizer": name, "lr": lr, "curve": curve, "final": losses[-1], "ms_per_step": ms,
+                "optimizer_ms": ms / 4}
+    runs = [run("adamw", 1e-3, [9, 7, 6.0], 100), run("adamw", 3e-3, [9, 6.5, 5.5], 100),
+            run("muon", 1e-3, [9, 6.0, 5.0], 150), run("muon", 3e-3, [9, 8, 7.0], 150)]
+    text = mo.report(runs, tmp_path)
+    assert "target = AdamW's final val loss 5.5000" in text
+    assert "0.75x the steps (1.33x token efficiency)" in text  # muon reaches 5.5 at step 15 of 20
+    assert "1.50x AdamW's" in text
+    assert (tmp_path / "muon_vs_adamw.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--muon_lrs=fast"], "--muon_lrs expects numbers"),
+    (["--adamw_lrs=-1"], "each > 0"),
+    (["--steps=0"], "--steps must be at least 1"),
+])
+def test_benchmark_refuses_bad_flags_before_any_work(argv, message):
+    with pytest.raises(UserError, match=message):
+        mo.main(argv)
