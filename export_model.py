@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from modern_llm import CONFIG_FILE, WEIGHTS_FILE, UserError, count_params, load_model, parse_flags, \
-    quantize_int8, resolve_checkpoint, run_main, save_int8_checkpoint, script_constants
+from modern_llm import CONFIG_FILE, WEIGHTS_FILE, UserError, count_params, is_int8, load_model, \
+    parse_flags, quantize_int8, resolve_checkpoint, run_main, save_int8_checkpoint, script_constants
 
 CHECKPOINT = "out"  # checkpoint directory, or a training run's OUT_DIR (meaning its newest checkpoint)
 FORMAT = "onnx"  # onnx, int8 or gguf
@@ -230,6 +230,9 @@ def gguf_vocab(checkpoint: Path, vocab_size: int) -> tuple[list[str], list[int]]
 def gguf_export(model: nn.Module, checkpoint: Path, out: Path, cfg: dict) -> str:
     """A llama-architecture GGUF file with the byte-level BPE tokenizer ("gpt2" in llama.cpp's terms, GPT-2's
     pre-tokenizer) and the chat template, read back with gguf's reader before it is put in place."""
+    if is_int8(model):
+        raise UserError(f"{checkpoint} is an int8 checkpoint: export GGUF from the floating-point one (and "
+                        "quantize with llama.cpp's llama-quantize)", "Export errors")
     try:
         import gguf
     except ImportError:

@@ -214,3 +214,9 @@ def test_gguf_without_the_package_names_it(tiny_checkpoint, tmp_path, monkeypatc
     code, text = run([f"--checkpoint={tiny_checkpoint}", "--format=gguf", f"--out={tmp_path / 'm.gguf'}"], capsys)
     assert code == 2 and "pip install gguf" in text
     assert os.listdir(tmp_path) == []
+
+
+def test_gguf_from_an_int8_checkpoint_is_refused(tiny_checkpoint, tmp_path, capsys):
+    assert run([f"--checkpoint={tiny_checkpoint}", "--format=int8", f"--out={tmp_path / 'q'}"], capsys)[0] == 0
+    code, text = run([f"--checkpoint={tmp_path / 'q'}", "--format=gguf", f"--out={tmp_path / 'q.gguf'}"], capsys)
+    assert code == 2 and "int8 checkpoint" in text and not (tmp_path / "q.gguf").exists()
