@@ -554,14 +554,18 @@ class BatchLoader:
             raise UserError(f"split must be 'train' or 'val', got {split!r}", "Data")
         if batch_size < 1 or seq_len < 1:
             raise UserError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}", "Data")
-        meta = load_meta(data_dir)
-        self.data = np.memmap(Path(data_dir) / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r") \
-            if meta[f"{split}_tokens"] else np.zeros(0, np.uint16)
-        if len(self.data) < seq_len + 1:
-            raise UserError(f"the {split} split of {data_dir} has {len(self.data):,} tokens, fewer than "
-                            f"seq_len+1 = {seq_len + 1}: use a shorter --seq_len or more text", "Data")
         if not 0 <= rank < world_size:
             raise UserError(f"rank {rank} is outside world_size {world_size}", "Data")
+        meta = load_meta(data_dir)
+        n_tokens = meta[f"{split}_tokens"]
+        if n_tokens < seq_len + 1:
+            raise UserError(f"the {split} split of {data_dir} has {n_tokens:,} tokens, fewer than "
+                            f"seq_len+1 = {seq_len + 1}: use a shorter --seq_len or more text", "Data")
+        path, dtype = Path(data_dir) / f"{split}.bin", np.dtype(meta["dtype"])
+        if not path.is_file() or path.stat().st_size != n_tokens * dtype.itemsize:
+            raise UserError(f"{path} is missing or not the {n_tokens:,} tokens meta.json records: delete "
+                            f"{data_dir} and prepare again", "Data")
+        self.data = np.memmap(path, dtype=dtype, mode="r")
         self.split, self.batch_size, self.seq_len = split, batch_size, seq_len
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.offsets = np.arange(seq_len + 1)

@@ -240,6 +240,18 @@ def test_loader_rejects_a_split_shorter_than_a_window(small_data):
         prepare_data.BatchLoader(small_data, "val", 2, n)
     with pytest.raises(UserError, match="not a prepared data folder"):
         prepare_data.BatchLoader(small_data.parent, "train", 2, 8)
+    with pytest.raises(UserError, match="outside world_size"):
+        prepare_data.BatchLoader(small_data, "train", 2, 8, rank=2, world_size=2)
+
+
+def test_loader_refuses_a_damaged_folder(tmp_path, small_data):
+    import shutil
+
+    damaged = shutil.copytree(small_data, tmp_path / "damaged")
+    with open(damaged / "train.bin", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(UserError, match="prepare again"):
+        prepare_data.BatchLoader(damaged, "train", 2, 8)
 
 
 def bad_inputs(tmp_path):
