@@ -83,6 +83,8 @@ def test_every_local_format_gives_the_same_tokens(tmp_path, tiny_tokenizer):
         assert ids.dtype == np.uint16, kind
         np.testing.assert_array_equal(ids, want_ids, err_msg=kind)
         assert n_bytes == want_bytes, kind
+    two_procs, _ = prepare_data.tokenize_source(str(tmp_path / "formats" / "a.jsonl"), tiny_tokenizer, num_proc=2)
+    np.testing.assert_array_equal(two_procs, want_ids)  # Dataset.map in 2 processes keeps the order
 
 
 def test_max_tokens_keeps_whole_documents_until_the_budget(tmp_path, tiny_tokenizer):
