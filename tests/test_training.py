@@ -219,6 +219,83 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint_and_sigterm_saves(da
     assert assert_loadable(newest(out)) == last > steps[-1]  # saved at the step it stopped
     assert [s for s, _ in losses(out)] == list(range(1, last + 1))  # no step lost or logged twice
 
-    proc = start(data_root, out, *run, f"--max_steps={last + 2}")
-    assert proc.communicate(timeout=120)[0] and proc.returncode == 0
+    assert train.main(flags(data_root, out, *run, f"--max_steps={last + 2}")) == 0
     assert modern_llm.checkpoint_step(modern_llm.resolve_checkpoint(out)) == last + 2
+
+
+BAD_INPUTS = {  # flags -> a piece of the one-line error
+    "unknown flag": (["--no_such_flag=1"], "unknown flag --no_such_flag"),
+    "wrong type": (["--batch_size=abc"], "expects an integer"),
+    "unknown preset": (["--preset=rtx9090"], "rtx9090"),
+    "missing dataset": (["--dataset=/no/such/corpus.txt"], "/no/such/corpus.txt"),
+    "seq_len above the model's": (["--seq_len=4096"], "maximum of 128"),
+    "batch size 0": (["--batch_size=0"], "--batch_size must be positive"),
+    "resume, other model shape": (["--model=small", "--resume={run}/checkpoint-100"], "another model"),
+    "resume, not a training checkpoint": (["--resume={foreign}"], "no training state"),
+    "fresh run over an existing run": (["--resume="], "already holds a training run"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line_exit_2_and_out_dir_untouched(case, trained_run, data_root, tiny_checkpoint, capsys):
+    extra, expected = BAD_INPUTS[case]
+    extra = [e.format(run=trained_run, foreign=tiny_checkpoint) for e in extra]
+    before = snapshot(trained_run)
+    with pytest.raises(SystemExit) as exit:
+        modern_llm.run_main(train.main, flags(data_root, trained_run, "--resume=auto", *extra))
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == 2
+    assert err.startswith("error: ") and "\n" not in err and expected in err, err
+    assert snapshot(trained_run) == before
+
+
+def test_bad_input_from_the_command_line(data_root, tmp_path):
+    proc = subprocess.run([sys.executable, SCRIPT, *flags(data_root, tmp_path / "out", "--batch_size=0")],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --batch_size must be positive, got 0 (see README: Configuration)"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_reference_preset_fits_12_gib_only_with_activation_checkpointing(monkeypatch):
+    monkeypatch.setattr(train, "memory_budget", lambda device, preset: (int(11.5 * train.GiB), "a 12 GiB GPU"))
+    cfg = {k.lower(): v for k, v in train._FLAG_DEFAULTS.items()}
+    train.apply_preset(cfg, set(), "rtx4070ti")
+    model_cfg = modern_llm.model_preset("730m")
+    cpu = torch.device("cpu")
+    train.plan_memory(cfg, set(), model_cfg, cpu, "rtx4070ti", torch.bfloat16)
+    assert cfg["activation_checkpointing"] is True  # predicted 13 GiB without, 10.4 GiB with
+    cfg["activation_checkpointing"] = False
+    with pytest.raises(modern_llm.UserError, match="--activation_checkpointing=true"):
+        train.plan_memory(cfg, {"activation_checkpointing"}, model_cfg, cpu, "rtx4070ti", torch.bfloat16)
+    cfg["batch_size"] = 64
+    with pytest.raises(modern_llm.UserError, match="lower --batch_size"):
+        train.plan_memory(cfg, set(), model_cfg, cpu, "rtx4070ti", torch.bfloat16)
+
+
+def test_schedules():
+    cfg = {"warmup_steps": 10, "lr": 1e-3, "min_lr": 1e-4, "schedule": "cosine", "decay_fraction": 0.2}
+    assert train.lr_factor(0, cfg, 110) == pytest.approx(0.1)
+    assert train.lr_factor(10, cfg, 110) == pytest.approx(1.0)
+    assert train.lr_factor(60, cfg, 110) == pytest.approx(0.55)
+    assert train.lr_factor(110, cfg, 110) == pytest.approx(0.1)
+    assert train.lr_factor(50, cfg, None) == 1.0  # a time budget not yet measured holds the peak
+    cfg["schedule"] = "wsd"
+    assert train.lr_factor(89, cfg, 110) == 1.0
+    assert train.lr_factor(100, cfg, 110) == pytest.approx(0.55)
+    assert train.lr_factor(110, cfg, 110) == pytest.approx(0.1)
+    # 1 s a step and a 10 s evaluation every 10 steps: 2 s a step; 100 s left, less the final evaluation
+    assert train.plan_steps(20, 1.0, 100.0, 10.0, {"eval_interval": 10, "max_steps": 0}) == 20 + 45
+    assert train.plan_steps(20, 1.0, 100.0, 10.0, {"eval_interval": 10, "max_steps": 30}) == 30
+
+
+def test_time_budget_ends_with_the_learning_rate_at_its_minimum(data_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert train.main(flags(data_root, out, "--max_minutes=0.1", "--max_steps=0", "--min_lr=1e-5",
+                            "--checkpoint_interval=100000")) == 0
+    assert "budget allows" in capsys.readouterr().out
+    steps = [r for r in metrics(out) if "loss" in r]
+    assert len(steps) > 10
+    assert steps[-1]["lr"] < 2e-5  # the cosine reached its floor as the budget ran out
+    assert steps[-1]["elapsed_s"] < 2 * 6
