@@ -54,7 +54,7 @@ def spy(engine):
 
 @pytest.fixture(scope="module")
 def server(spy):
-    """The app on a free loopback port, uvicorn in a thread; yields the base URL."""
+    """The app on a free loopback port, uvicorn in a thread; yields (base URL, app)."""
     app = serve.create_app(spy, "tiny", api_key=KEY, max_batch_size=16, max_queue=32, batch_window_ms=50)
     srv, url = serve.start_in_thread(app, serve.listen("127.0.0.1", 0))
     yield url, app
@@ -188,6 +188,19 @@ def test_disconnected_client_frees_its_row_and_others_finish(url, client, engine
     spy.delay = 0.0
     r = client.completions.create(model="tiny", prompt="Hello", max_tokens=3, temperature=0)  # still serving
     assert r.choices[0].finish_reason in ("length", "stop")
+
+
+def test_client_that_gives_up_on_a_full_response_frees_its_row(url, spy):
+    spy.delay = 0.03
+    before = len(spy.batches)
+    body = {"prompt": "The quick brown fox", "max_tokens": 99, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):  # the client hangs up after half a second
+        httpx.post(url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5)
+    deadline = time.monotonic() + 10
+    while (len(spy.batches) == before or not spy.batches[-1]["cancelled"]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert spy.batches[-1]["max_new_tokens"] == [99] and spy.batches[-1]["cancelled"]
+    assert spy.batches[-1]["steps"] < 99
 
 
 def test_full_queue_answers_503(server, url, client, spy):
