@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import prepare_data
 from conftest import ROOT
-from modern_llm import UserError
+from modern_llm import UserError, run_main
 
 DOCS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -293,18 +293,19 @@ def test_bad_inputs_are_one_line_user_errors(tmp_path):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing half-written
 
 
-@pytest.mark.slow  # ~25 s on a busy 2-core machine
-def test_command_line_summary_reuse_and_error(tmp_path):
+def test_command_line_summary_reuse_and_error(tmp_path, capsys):
     book = tmp_path / "book.txt"
     book.write_text("\n\n".join(DOCS * 3))
-    cmd = [sys.executable, str(ROOT / "prepare_data.py"), f"--dataset={book}", f"--out_dir={tmp_path}/data",
-           "--vocab_size=300", "--val_fraction=0.1"]
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    flags = [f"--dataset={book}", f"--out_dir={tmp_path}/data", "--vocab_size=300", "--val_fraction=0.1"]
+    first = subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), *flags], capture_output=True, text=True,
+                           timeout=300)
     assert first.returncode == 0, first.stderr
     assert "wrote" in first.stdout and "bytes/token" in first.stdout and "documents" in first.stdout
     assert "tokenizing" in first.stderr  # the progress bar
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "reused" in again.stdout
-    bad = subprocess.run(cmd[:2] + [f"--dataset={tmp_path}/nope.txt"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip().splitlines()[-1].startswith("error: ") and "see README: Data sources" in bad.stderr
+    prepare_data.main(flags)  # in-process: the second run finds the folder
+    assert "reused" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_code:
+        run_main(prepare_data.main, [f"--dataset={tmp_path}/nope.txt"])
+    err = capsys.readouterr().err
+    assert exit_code.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: ") and "see README: Data sources" in err
