@@ -80,11 +80,15 @@ HARDWARE = {
     "cpu": dict(memory_gib=None, model="small", batch_size=8, grad_accum=1, seq_len=256, lr=2e-3, min_lr=2e-4,
                 warmup_steps=30, max_steps=0, max_minutes=6.0, eval_interval=100, eval_steps=10,
                 checkpoint_interval=100, log_interval=100),
-    "rtx3060": dict(memory_gib=8, model="125m", batch_size=4, grad_accum=8, seq_len=1024, lr=6e-4, min_lr=6e-5),
+    "rtx3060": dict(memory_gib=8, model="125m", vocab_size=32000, batch_size=4, grad_accum=8, seq_len=1024, lr=6e-4,
+                    min_lr=6e-5),
     # the reference: 730m at seq 384, micro-batch 5 x 8; predicted 13 GiB, so activation checkpointing goes on
-    "rtx4070ti": dict(memory_gib=12, model="730m", batch_size=5, grad_accum=8, seq_len=384, lr=3e-4, min_lr=3e-5),
-    "rtx4090": dict(memory_gib=24, model="730m", batch_size=16, grad_accum=4, seq_len=384, lr=3e-4, min_lr=3e-5),
-    "h100": dict(memory_gib=80, model="1.5b", batch_size=4, grad_accum=8, seq_len=2048, lr=3e-4, min_lr=3e-5),
+    "rtx4070ti": dict(memory_gib=12, model="730m", vocab_size=32000, batch_size=5, grad_accum=8, seq_len=384,
+                      lr=3e-4, min_lr=3e-5),
+    "rtx4090": dict(memory_gib=24, model="730m", vocab_size=32000, batch_size=16, grad_accum=4, seq_len=384,
+                    lr=3e-4, min_lr=3e-5),
+    "h100": dict(memory_gib=80, model="1.5b", vocab_size=32000, batch_size=4, grad_accum=8, seq_len=2048, lr=3e-4,
+                 min_lr=3e-5),
 }
 # Dense BF16 tensor-core TFLOP/s with fp32 accumulation (NVIDIA spec sheets), for MFU; first name match wins.
 GPU_PEAK_TFLOPS = {"RTX 3060": 25.4, "RTX 4070 Ti": 80.2, "RTX 4090": 165.2, "A100": 312.0, "H100 PCIe": 756.0,
