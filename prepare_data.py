@@ -492,7 +492,9 @@ def prepare(dataset: str = "builtin", data_root: str | Path = "data", vocab_size
         return data_dir
 
     docs = load_corpus(dataset, text_field, config_name, max_tokens)
-    if tokenizer is None:
+    if tokenizer is None:  # minutes on a large corpus, with no progress bar of its own
+        print(f"training a byte-level BPE of {vocab_size} tokens on up to {tokenizer_train_mb:g} MB of {dataset}",
+              file=sys.stderr)
         tokenizer = train_tokenizer(text_sample(docs, int(tokenizer_train_mb * 1e6)), vocab_size)
     tokens = tokenize_documents(docs, tokenizer, num_proc, max_tokens)
     is_val = pick_validation(len(tokens), val_fraction, seed)
