@@ -474,8 +474,7 @@ def create_app(engine, model_name: str, api_key: str = "", max_batch_size: int =
         return JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code)
 
     @app.exception_handler(Exception)
-    async def internal_error(request, e: Exception):
-        traceback.print_exception(e)
+    async def internal_error(request, e: Exception):  # Starlette re-raises it afterwards, so uvicorn logs it
         return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500)
 
     def check_key(request: Request) -> None:
@@ -503,12 +502,12 @@ def create_app(engine, model_name: str, api_key: str = "", max_batch_size: int =
                            code="model_not_found")
         return model_card
 
-    async def complete(request: Request, model: type[SamplingRequest]):
-        req = parse_request(model, await read_json(request))
+    async def complete(request: Request, kind: type[SamplingRequest]):
+        req = parse_request(kind, await read_json(request))
         prompts = prompt_token_ids(engine, req)
         row_prompts, row_params = engine_rows(engine, req, prompts, max_batch_size)
         job = scheduler.submit(row_prompts, row_params)
-        reply = Reply(chat=model is ChatRequest, model=model_name)
+        reply = Reply(chat=kind is ChatRequest, model=model_name)
         if not req.stream:
             return await full_response(job, reply, prompts, len(row_prompts), request)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
