@@ -18,12 +18,13 @@ KEY = "sk-test"
 
 class SpyEngine:
     """The real engine, recording each batch it decodes (rows' max_new_tokens, steps run, rows cancelled),
-    and optionally slowed per step so a test can act while a batch runs."""
+    optionally slowed per step so a test can act while a batch runs, or failing after its first step."""
 
     def __init__(self, engine):
         self.engine, self.tokenizer, self.model = engine, engine.tokenizer, engine.model
         self.max_seq_len = engine.max_seq_len
         self.delay = 0.0
+        self.fail = False
         self.batches = []
 
     def stream(self, prompts, params, cancelled=None):
@@ -40,6 +41,8 @@ class SpyEngine:
             record["steps"] += 1
             time.sleep(self.delay)
             yield step
+            if self.fail:
+                raise RuntimeError("simulated engine failure")
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +66,7 @@ def server(spy):
 
 @pytest.fixture
 def url(server, spy):
-    spy.delay = 0.0
+    spy.delay, spy.fail = 0.0, False
     return server[0]
 
 
@@ -201,6 +204,20 @@ def test_client_that_gives_up_on_a_full_response_frees_its_row(url, spy):
         time.sleep(0.02)
     assert spy.batches[-1]["max_new_tokens"] == [99] and spy.batches[-1]["cancelled"]
     assert spy.batches[-1]["steps"] < 99
+
+
+def test_an_engine_failure_answers_500_and_the_worker_lives_on(url, client, spy):
+    spy.fail = True
+    with pytest.raises(openai.InternalServerError, match="simulated engine failure"):
+        client.completions.create(model="tiny", prompt="Hello", max_tokens=5)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"prompt": "Hello", "max_tokens": 5, "stream": True}
+    r = httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=30)
+    lines = [x for x in r.text.split("\n") if x]
+    assert "simulated engine failure" in json.loads(lines[-2].removeprefix("data: "))["error"]["message"]
+    assert lines[-1] == "data: [DONE]"
+    spy.fail = False
+    assert client.completions.create(model="tiny", prompt="Hello", max_tokens=2).usage.completion_tokens >= 1
 
 
 def test_full_queue_answers_503(server, url, client, spy):
