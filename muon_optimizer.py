@@ -54,8 +54,8 @@ BATCH_SIZE = 8  # sequences per step
 SEQ_LEN = 64  # tokens per sequence
 WARMUP_STEPS = 10  # linear warmup, then linear decay to 10% of the peak lr
 WEIGHT_DECAY = 0.1  # decoupled weight decay, both optimizers
-ADAMW_LRS = [2e-3, 5e-3, 1.2e-2]  # AdamW learning rates swept (the best is kept)
-MUON_LRS = [2e-3, 5e-3, 1.2e-2]  # Muon+AdamW learning rates swept (match_rms_adamw scaling: AdamW-like values)
+ADAMW_LRS = [1e-3, 2e-3, 4e-3]  # AdamW learning rates swept (the best is kept)
+MUON_LRS = [1e-3, 2e-3, 4e-3]  # Muon+AdamW learning rates swept (match_rms_adamw scaling: AdamW-like values)
 EVAL_INTERVAL = 10  # steps between validation losses
 EVAL_BATCHES = 4  # validation batches per evaluation
 THREADS = 1  # torch CPU threads; 1 is steadier than 2 on a busy shared machine; 0 = torch's default
