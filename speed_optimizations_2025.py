@@ -374,21 +374,41 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step(bench: Bench, setup: Setup, model: nn.Module, opt, batches) -> tuple[float, float]:
-    """One optimizer step over the micro-batches: (forward+backward seconds, optimizer seconds)."""
-    autocast = torch.autocast(bench.device.type, dtype=torch.bfloat16, enabled=setup.autocast)
-    kernel = sdpa_kernel(setup.sdpa) if setup.sdpa is not None else nullcontext()
-    t0 = time.perf_counter()
-    for x, y in batches:
-        with autocast, kernel:
-            loss = model(x, y) / len(batches)
-        loss.backward()
-    sync(bench.device)
-    t1 = time.perf_counter()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    sync(bench.device)
-    return t1 - t0, time.perf_counter() - t1
+class Runner:
+    """One row's model, optimizer and micro-batches, taking training steps."""
+
+    def __init__(self, bench: Bench, setup: Setup, x: torch.Tensor, y: torch.Tensor):
+        self.bench, self.setup = bench, setup
+        self.model = build_model(bench, setup)
+        self.opt = build_optimizer(bench, self.model, setup.optimizer)
+        self.runnable = torch.compile(self.model, mode=setup.compile_mode) if setup.compile_mode else self.model
+        self.batches = list(zip(x.chunk(setup.grad_accum), y.chunk(setup.grad_accum)))
+
+    def step(self) -> tuple[float, float]:
+        """One optimizer step over the micro-batches: (forward+backward seconds, optimizer seconds)."""
+        setup, device = self.setup, self.bench.device
+        with Float32Precision("high" if setup.tf32 else "highest"):
+            t0 = time.perf_counter()
+            for x, y in self.batches:
+                kernel = sdpa_kernel(setup.sdpa) if setup.sdpa is not None else nullcontext()
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=setup.autocast), kernel:
+                    loss = self.runnable(x, y) / len(self.batches)
+                loss.backward()
+            sync(device)
+            t1 = time.perf_counter()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            sync(device)
+        return t1 - t0, time.perf_counter() - t1
+
+    def peak_bytes(self) -> int:
+        """Peak memory of one step, this row's tensors alone (nothing else may be alive on a GPU)."""
+        if self.bench.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.bench.device)
+            self.step()
+            return torch.cuda.max_memory_allocated(self.bench.device)
+        return cpu_peak_bytes(self.step, self.model, self.opt)
 
 
 def optimizer_state_bytes(opt) -> int:
@@ -415,29 +435,32 @@ def cpu_peak_bytes(step: Callable[[], object], model: nn.Module, opt) -> int:
 
 
 def measure(bench: Bench, setup: Setup, x: torch.Tensor, y: torch.Tensor) -> dict:
-    """Warm-up steps, timed steps, then the peak memory of one more step."""
-    model = build_model(bench, setup)
-    opt = build_optimizer(bench, model, setup.optimizer)
-    runnable = torch.compile(model, mode=setup.compile_mode) if setup.compile_mode else model
-    batches = list(zip(x.chunk(setup.grad_accum), y.chunk(setup.grad_accum)))
+    """Warm-up steps, then timed steps, each right after a step of a baseline twin, then the peak memory.
 
-    def step():
-        return train_step(bench, setup, runnable, opt, batches)
-
-    with Float32Precision("high" if setup.tf32 else "highest"):
-        t0 = time.perf_counter()
-        for _ in range(bench.warmup_steps):
-            step()
-        warmup_s = time.perf_counter() - t0  # compilation shows here
-        if bench.cuda:
-            torch.cuda.reset_peak_memory_stats(bench.device)
-        times = [step() for _ in range(bench.steps)]
-        peak = torch.cuda.max_memory_allocated(bench.device) if bench.cuda else cpu_peak_bytes(step, model, opt)
-    seconds = statistics.median(fb + o for fb, o in times)
-    tokens_per_s = bench.batch_size * bench.seq_len / seconds
+    The speed-up is the median of the per-pair ratios, so a machine whose load changes during the run (a shared
+    or thermally throttled one) moves both sides of each ratio alike; tokens/s is the row's own median.
+    """
+    row = Runner(bench, setup, x, y)
+    base = Runner(bench, Setup(), x, y) if setup != Setup() else None
+    t0 = time.perf_counter()
+    for _ in range(bench.warmup_steps):
+        row.step()
+    warmup_s = time.perf_counter() - t0  # compilation shows here
+    for _ in range(bench.warmup_steps if base else 0):
+        base.step()
+    times, ratios = [], []
+    for _ in range(bench.steps):
+        reference = sum(base.step()) if base else None
+        times.append(row.step())
+        ratios.append(reference / sum(times[-1]) if base else 1.0)
+    del base  # measure the row's memory alone
+    gc.collect()
+    peak = row.peak_bytes()
+    tokens_per_s = bench.batch_size * bench.seq_len / statistics.median(fb + o for fb, o in times)
     flops = ml.flops_per_token(bench.cfg, bench.seq_len) * tokens_per_s
     return {
         "tokens_per_s": tokens_per_s,
+        "speedup": statistics.median(ratios),
         "fwd_bwd_ms": 1000 * statistics.median(fb for fb, _ in times),
         "optimizer_ms": 1000 * statistics.median(o for _, o in times),
         "peak_mib": peak / 2**20,
@@ -521,12 +544,11 @@ COLUMNS = ["row", "technique", "tokens/s", "vs baseline", "fwd+bwd ms", "optimiz
            "memory vs baseline", "MFU", "note"]
 
 
-def add_ratios(rows: list[dict]) -> None:
-    """Speed-up and memory ratio of each measured row against the baseline (the first row)."""
+def add_memory_ratios(rows: list[dict]) -> None:
+    """Peak memory of each measured row against the baseline's (the first row)."""
     base = rows[0]
     for r in rows:
-        if "tokens_per_s" in r and "tokens_per_s" in base:
-            r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
+        if "peak_mib" in r and "peak_mib" in base:
             r["memory_ratio"] = r["peak_mib"] / base["peak_mib"]
 
 
@@ -534,8 +556,8 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         if "tokens_per_s" in r:
-            cells = [f"{r['tokens_per_s']:,.0f}", f"{r.get('speedup', 0):.2f}x", f"{r['fwd_bwd_ms']:,.1f}",
-                     f"{r['optimizer_ms']:,.1f}", f"{r['peak_mib']:,.0f}", f"{r.get('memory_ratio', 0):.2f}x",
+            cells = [f"{r['tokens_per_s']:,.0f}", f"{r['speedup']:.2f}x", f"{r['fwd_bwd_ms']:,.1f}",
+                     f"{r['optimizer_ms']:,.1f}", f"{r['peak_mib']:,.0f}", f"{r['memory_ratio']:.2f}x" if "memory_ratio" in r else "n/a",
                      f"{100 * r['mfu']:.1f}%"]
         else:
             cells = ["n/a"] + [""] * 6
@@ -642,7 +664,7 @@ def main(argv: list[str]) -> int:
     rows = []
     for name, label, technique in tqdm(techniques, desc="techniques", unit="row"):
         rows.append({"row": name, "technique": label, **run_row(bench, technique, x, y)})
-    add_ratios(rows)
+    add_memory_ratios(rows)
 
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": device.type,
             "device_name": device_name(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
