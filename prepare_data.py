@@ -5,6 +5,7 @@ Text in, tokens out: corpora, the tokenizer, token shards and the batch loader t
     python prepare_data.py --dataset=book.txt --vocab_size=4096
     python prepare_data.py --dataset=corpus/ --text_field=content --tokenizer=path/to/tokenizer
     python prepare_data.py --dataset=roneneldan/TinyStories --max_tokens=50000000
+    python prepare_data.py --dataset=chats.jsonl --tokenizer=path/to/model   # conversations, for fine-tuning
     python prepare_data.py --benchmark                       # tokenization MB/s, 1 and 2 processes vs a loop
 
 Every source becomes a `datasets.Dataset` with one "text" column (one row per document), is tokenized with
@@ -15,6 +16,8 @@ written as flat uint16 (uint32 for vocabularies over 65,536) token files:
 
 The folder name holds a hash of the source and the tokenizer settings, so running again reuses the shards.
 meta.json records the token and UTF-8 byte counts per split, from which training reports bits per byte.
+A .jsonl of conversations ({"messages": [{"role", "content"}, ...]} a line) is chat data instead: see
+"Chat data" below.
 """
 
 from __future__ import annotations
@@ -475,14 +478,7 @@ def prepare(dataset: str = "builtin", data_root: str | Path = "data", vocab_size
     if not 0 <= val_fraction < 1:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}", "Data")
     dataset, tokenizer = str(dataset), as_tokenizer(tokenizer)
-    if tokenizer is None:
-        check_vocab_size(vocab_size)
-        tok_settings = {"bpe": vocab_size, "train_mb": tokenizer_train_mb}
-        tok_name, tok_about = f"bpe{vocab_size}", f"byte-level BPE trained here (vocab_size {vocab_size})"
-    else:
-        tok_settings = {"pretrained": tokenizer_identity(tokenizer)}
-        tok_about = tokenizer.name_or_path or "a tokenizer object"
-        tok_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(tokenizer.name_or_path or "tok").name)[:30]
+    tok_settings, tok_name, tok_about = tokenizer_settings(tokenizer, vocab_size, tokenizer_train_mb)
     settings = {"format": FORMAT_VERSION, "source": source_identity(dataset, text_field, config_name),
                 "tokenizer": tok_settings, "max_tokens": max_tokens or None, "val_fraction": val_fraction,
                 "seed": seed}
@@ -505,10 +501,27 @@ def prepare(dataset: str = "builtin", data_root: str | Path = "data", vocab_size
             **split_counts(tokens, is_val), "bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id,
             "pad_id": tokenizer.pad_token_id, "max_tokens": max_tokens or None, "val_fraction": val_fraction,
             "seed": seed}
+    publish(data_dir, lambda tmp: write_shards(tokens, is_val, tmp, dtype), tokenizer, meta)
+    return data_dir
+
+
+def tokenizer_settings(tokenizer, vocab_size: int, train_mb: float) -> tuple[dict, str, str]:
+    """(what the cache key knows of the tokenizer, a short name for the folder, a description for meta.json)."""
+    if tokenizer is None:
+        check_vocab_size(vocab_size)
+        return ({"bpe": vocab_size, "train_mb": train_mb}, f"bpe{vocab_size}",
+                f"byte-level BPE trained here (vocab_size {vocab_size})")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(tokenizer.name_or_path or "tok").name)[:30]
+    return {"pretrained": tokenizer_identity(tokenizer)}, name, tokenizer.name_or_path or "a tokenizer object"
+
+
+def publish(data_dir: Path, write, tokenizer, meta: dict) -> None:
+    """Write a data folder atomically: write(tmp) adds the token files to a temporary folder, then the
+    tokenizer and meta.json go beside them and the folder is renamed into place."""
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.tmp-", dir=data_dir.parent))
     try:
-        write_shards(tokens, is_val, tmp, dtype)
+        write(tmp)
         tokenizer.save_pretrained(str(tmp))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         for f in tmp.iterdir():  # on disk before the rename makes the folder count as complete
@@ -520,7 +533,6 @@ def prepare(dataset: str = "builtin", data_root: str | Path = "data", vocab_size
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return data_dir
 
 
 def load_meta(data_dir: str | Path) -> dict:
@@ -545,29 +557,22 @@ class BatchLoader:
     """Random windows of seq_len+1 tokens from a split's memmap, as (x, y) int64 tensors shifted by one.
 
     Batch number `step` is a pure function of (seed, split, step, micro_step, rank): a resumed run draws exactly
-    the batches it would have drawn, and each torchrun rank draws different ones, with no loader state to save.
+    the batches it would have drawn, with no loader state to save. Under torchrun the draw is of the global batch
+    (batch_size x world_size windows) and rank r takes rows r, r+world_size, ...: ranks get different rows, and
+    2 processes x 4 rows train on the very sequences 1 process x 8 rows does.
     """
 
     SPLITS = {"train": 0, "val": 1}
 
     def __init__(self, data_dir: str | Path, split: str, batch_size: int, seq_len: int, seed: int = 1337,
                  rank: int = 0, world_size: int = 1):
-        if split not in self.SPLITS:
-            raise UserError(f"split must be 'train' or 'val', got {split!r}", "Data")
-        if batch_size < 1 or seq_len < 1:
-            raise UserError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}", "Data")
-        if not 0 <= rank < world_size:
-            raise UserError(f"rank {rank} is outside world_size {world_size}", "Data")
+        check_loader_args(split, batch_size, seq_len, rank, world_size)
         meta = load_meta(data_dir)
         n_tokens = meta[f"{split}_tokens"]
         if n_tokens < seq_len + 1:
             raise UserError(f"the {split} split of {data_dir} has {n_tokens:,} tokens, fewer than "
                             f"seq_len+1 = {seq_len + 1}: use a shorter --seq_len or more text", "Data")
-        path, dtype = Path(data_dir) / f"{split}.bin", np.dtype(meta["dtype"])
-        if not path.is_file() or path.stat().st_size != n_tokens * dtype.itemsize:
-            raise UserError(f"{path} is missing or not the {n_tokens:,} tokens meta.json records: delete "
-                            f"{data_dir} and prepare again", "Data")
-        self.data = np.memmap(path, dtype=dtype, mode="r")
+        self.data = read_array(Path(data_dir) / f"{split}.bin", meta["dtype"], n_tokens)
         self.split, self.batch_size, self.seq_len = split, batch_size, seq_len
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.offsets = np.arange(seq_len + 1)
@@ -575,13 +580,243 @@ class BatchLoader:
     def get_batch(self, step: int, micro_step: int = 0, device="cpu"):
         import torch
 
-        rng = np.random.default_rng([self.seed, self.SPLITS[self.split], step, micro_step, self.rank])
-        starts = rng.integers(0, len(self.data) - self.seq_len, size=self.batch_size)
+        rng = np.random.default_rng([self.seed, self.SPLITS[self.split], step, micro_step])
+        starts = rng.integers(0, len(self.data) - self.seq_len, size=self.batch_size * self.world_size)
+        starts = starts[self.rank::self.world_size]
         windows = torch.from_numpy(self.data[starts[:, None] + self.offsets].astype(np.int64))
-        x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
-        if torch.device(device).type == "cuda":  # pinned memory lets the copy overlap the previous step
-            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        return x.to(device), y.to(device)
+        return to_device(windows[:, :-1].contiguous(), windows[:, 1:].contiguous(), device)
+
+
+def check_loader_args(split: str, batch_size: int, seq_len: int, rank: int, world_size: int) -> None:
+    if split not in BatchLoader.SPLITS:
+        raise UserError(f"split must be 'train' or 'val', got {split!r}", "Data")
+    if batch_size < 1 or seq_len < 1:
+        raise UserError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}", "Data")
+    if not 0 <= rank < world_size:
+        raise UserError(f"rank {rank} is outside world_size {world_size}", "Data")
+
+
+def read_array(path: Path, dtype: str, count: int) -> np.ndarray:
+    """A token file as a read-only memmap, refused when missing or not the size meta.json records."""
+    dtype = np.dtype(dtype)
+    if not path.is_file() or path.stat().st_size != count * dtype.itemsize:
+        raise UserError(f"{path} is missing or not the {count:,} values meta.json records: delete "
+                        f"{path.parent} and prepare again", "Data")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def to_device(x, y, device):
+    import torch
+
+    if torch.device(device).type == "cuda":  # pinned memory lets the copy overlap the previous step
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# -----------------------------------------------------------------------------
+# Chat data: conversations for fine-tuning (SFT), the loss on the assistant's tokens only
+#
+# A .jsonl file (or a folder of them) with one conversation a line, the common format:
+#   {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+# Each is rendered with the tokenizer's chat template. The folder holds per split the token ids of all
+# conversations one after another ({split}.bin), a byte per token that is 1 on the assistant's tokens
+# ({split}_mask.bin), and where each conversation starts ({split}_starts.bin, int64, one more than there are).
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")  # transformers' assistant-mask markers
+
+
+def chat_files(dataset: str) -> list[Path]:
+    """The .jsonl files of a chat dataset, or [] when `dataset` is not one (the first record has no "messages")."""
+    path = Path(dataset).expanduser()
+    if dataset == "builtin" or not path.exists():
+        return []
+    files = [f for f in local_files(path) if f.name.lower().endswith(".jsonl")]
+    if not files:
+        return []
+    with open(files[0], encoding="utf-8", errors="replace") as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        record = json.loads(first)
+    except ValueError:
+        return []
+    return files if isinstance(record, dict) and "messages" in record else []
+
+
+def read_conversations(path: Path) -> Iterator[tuple[int, list[dict]]]:
+    """(line number, messages) of each conversation, every one checked: a mistake names its line."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {n}"
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise UserError(f"{where}: not valid JSON ({e})", "Chat data") from None
+            messages = record.get("messages") if isinstance(record, dict) else None
+            if not isinstance(messages, list) or not messages:
+                raise UserError(f"{where}: no \"messages\" list of {{\"role\", \"content\"}} objects", "Chat data")
+            for i, m in enumerate(messages, 1):
+                if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+                    role = m.get("role") if isinstance(m, dict) else None
+                    raise UserError(f"{where}: message {i} has role {role!r}; use one of {', '.join(CHAT_ROLES)}",
+                                    "Chat data")
+                if not isinstance(m.get("content"), str):
+                    raise UserError(f"{where}: message {i} ({m['role']}) has no text \"content\"", "Chat data")
+            if not any(m["role"] == "assistant" for m in messages):
+                raise UserError(f"{where}: no assistant message, so nothing to learn from", "Chat data")
+            yield n, [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def chat_tokens(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids of a rendered conversation and a 0/1 mask of the assistant's tokens.
+
+    A template with {% generation %} markers (ours has them) marks the assistant's text itself and
+    transformers returns the mask. Without markers (most pretrained templates) the spans are found by
+    rendering: the conversation up to an assistant turn with the generation prompt is a prefix of the
+    conversation including that turn, and the characters in between (trailing whitespace dropped) are the
+    assistant's reply with its end-of-turn token; tokens overlapping those characters are the mask."""
+    if GENERATION_MARKER.search(tokenizer.chat_template):
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        return list(out["input_ids"]), list(out["assistant_masks"])
+    text = render(tokenizer, messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt, upto = render(tokenizer, messages[:i], add_generation_prompt=True), render(tokenizer, messages[:i + 1])
+        if not (upto.startswith(prompt) and text.startswith(upto)):
+            raise UserError(f"tokenizer {tokenizer.name_or_path!r}: its chat template renders earlier turns "
+                            "differently once later turns follow, so the assistant's tokens cannot be found; "
+                            "use a template with {% generation %} markers", "Chat data")
+        spans.append((len(prompt), len(upto.rstrip())))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(any(s < b and e > a for a, b in spans)) for s, e in enc["offset_mapping"]]
+    return enc["input_ids"], mask
+
+
+def render_tokens(tokenizer, messages: list[dict], where: str) -> tuple[list[int], list[int]]:
+    """chat_tokens, with a template's own refusal (e.g. "roles must alternate") as a UserError naming the line."""
+    from jinja2 import TemplateError
+
+    try:
+        return chat_tokens(tokenizer, messages)
+    except TemplateError as e:
+        raise UserError(f"{where}: the chat template refuses this conversation: {e}", "Chat data") from None
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def chat_tokenizer(tokenizer, conversations: list, vocab_size: int, train_mb: float):
+    """The given tokenizer, which must have a chat template, or a BPE trained on the messages' text."""
+    if tokenizer is None:
+        from datasets import Dataset
+
+        texts = Dataset.from_dict({"text": [m["content"] for _, msgs in conversations for m in msgs]})
+        return train_tokenizer(text_sample(texts, int(train_mb * 1e6)), vocab_size)
+    if not tokenizer.chat_template:
+        raise UserError(f"tokenizer {tokenizer.name_or_path!r} has no chat template to render conversations "
+                        "with: use a chat model's tokenizer (--tokenizer=...)", "Chat data")
+    return tokenizer
+
+
+def prepare_chat(dataset: str, data_root: str | Path = "data", vocab_size: int = 8192, tokenizer=None,
+                 val_fraction: float = 0.01, seed: int = 1337, tokenizer_train_mb: float = TOKENIZER_TRAIN_MB) -> Path:
+    """prepare() for chat data: the data folder of a conversations .jsonl, reused when it exists. The cache key
+    includes the tokenizer and its chat template; meta.json lists the held-out conversations' line numbers."""
+    files = chat_files(str(dataset))
+    if not files:
+        raise UserError(f"{dataset} is not chat data: a .jsonl file (or folder of them) with a \"messages\" list "
+                        "on every line", "Chat data")
+    tokenizer = as_tokenizer(tokenizer)
+    tok_settings, tok_name, tok_about = tokenizer_settings(tokenizer, vocab_size, tokenizer_train_mb)
+    if tokenizer is not None:
+        tok_settings["chat_template"] = hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest()[:16]
+    settings = {"format": FORMAT_VERSION, "task": "sft", "source": source_identity(str(dataset), "messages", None),
+                "tokenizer": tok_settings, "val_fraction": val_fraction, "seed": seed}
+    key = cache_key(settings)
+    data_dir = Path(data_root) / f"{source_slug(str(dataset))}-chat-{tok_name}-{key}"
+    if (data_dir / META_FILE).is_file():
+        return data_dir
+
+    conversations = [(f"{f}, line {n}", msgs) for f in files for n, msgs in read_conversations(f)]
+    tokenizer = chat_tokenizer(tokenizer, conversations, vocab_size, tokenizer_train_mb)
+    convs = [(where, render_tokens(tokenizer, msgs, where), msgs) for where, msgs in conversations]
+    is_val = pick_validation(len(convs), val_fraction, seed)
+    dtype = token_dtype(len(tokenizer))
+    meta = {"format": FORMAT_VERSION, "task": "sft", "cache_key": key, "source": str(dataset), "tokenizer": tok_about,
+            "vocab_size": len(tokenizer), "dtype": dtype.name, "documents": len(convs),
+            "val_conversations": [where for (where, _, _), v in zip(convs, is_val) if v],
+            "bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id,
+            "val_fraction": val_fraction, "seed": seed}
+    for split, chosen in (("train", ~is_val), ("val", is_val)):
+        picked = [c for c, keep in zip(convs, chosen) if keep]
+        text = [m["content"] for _, _, msgs in picked for m in msgs]
+        meta.update({f"{split}_documents": len(picked), f"{split}_tokens": sum(len(ids) for _, (ids, _), _ in picked),
+                     f"{split}_target_tokens": sum(sum(mask) for _, (_, mask), _ in picked),
+                     f"{split}_chars": sum(map(len, text)), f"{split}_bytes": sum(len(t.encode()) for t in text)})
+
+    def write(tmp: Path) -> None:
+        for split, chosen in (("train", ~is_val), ("val", is_val)):
+            picked = [tokens for (_, tokens, _), keep in zip(convs, chosen) if keep]
+            np.array([i for ids, _ in picked for i in ids], dtype=dtype).tofile(tmp / f"{split}.bin")
+            np.array([k for _, mask in picked for k in mask], dtype=np.uint8).tofile(tmp / f"{split}_mask.bin")
+            starts = np.cumsum([0] + [len(ids) for ids, _ in picked], dtype=np.int64)
+            starts.tofile(tmp / f"{split}_starts.bin")
+
+    publish(data_dir, write, tokenizer, meta)
+    return data_dir
+
+
+class ChatBatchLoader:
+    """BatchLoader for chat data: each row one conversation (cut to seq_len + 1 tokens, padded after its end),
+    targets -100 except on the assistant's tokens, so the loss counts only those. Rows are drawn as
+    BatchLoader draws windows, a function of (seed, split, step, micro_step, rank)."""
+
+    def __init__(self, data_dir: str | Path, split: str, batch_size: int, seq_len: int, seed: int = 1337,
+                 rank: int = 0, world_size: int = 1):
+        check_loader_args(split, batch_size, seq_len, rank, world_size)
+        meta = load_meta(data_dir)
+        data_dir, n = Path(data_dir), meta[f"{split}_tokens"]
+        self.data = read_array(data_dir / f"{split}.bin", meta["dtype"], n)
+        self.mask = read_array(data_dir / f"{split}_mask.bin", "uint8", n)
+        self.starts = np.asarray(read_array(data_dir / f"{split}_starts.bin", "int64",
+                                            meta[f"{split}_documents"] + 1))
+        # only conversations with an assistant token among their first seq_len + 1 (else the loss is 0/0)
+        ends = np.minimum(self.starts[1:], self.starts[:-1] + seq_len + 1)
+        seen = np.concatenate([[0], np.cumsum(self.mask, dtype=np.int64)])
+        self.usable = np.flatnonzero(seen[ends] - seen[self.starts[:-1] + 1] > 0)
+        if len(self.usable) == 0:
+            raise UserError(f"no {split} conversation of {data_dir} has an assistant token within its first "
+                            f"{seq_len + 1} tokens: raise --seq_len", "Chat data")
+        self.pad_id = meta["pad_id"] if meta["pad_id"] is not None else meta["eos_id"] or 0
+        self.split, self.batch_size, self.seq_len, self.seed, self.rank = split, batch_size, seq_len, seed, rank
+
+    def get_batch(self, step: int, micro_step: int = 0, device="cpu"):
+        import torch
+
+        rng = np.random.default_rng([self.seed, BatchLoader.SPLITS[self.split], step, micro_step, self.rank])
+        x = np.full((self.batch_size, self.seq_len), self.pad_id, dtype=np.int64)
+        y = np.full((self.batch_size, self.seq_len), -100, dtype=np.int64)
+        for row, c in enumerate(self.usable[rng.integers(0, len(self.usable), size=self.batch_size)]):
+            a = self.starts[c]
+            b = min(self.starts[c + 1], a + self.seq_len + 1)
+            ids = self.data[a:b].astype(np.int64)
+            x[row, :b - a - 1] = ids[:-1]
+            y[row, :b - a - 1] = np.where(self.mask[a + 1:b] == 1, ids[1:], -100)
+        return to_device(torch.from_numpy(x), torch.from_numpy(y), device)
+
+
+def batch_loader(data_dir: str | Path, split: str, batch_size: int, seq_len: int, seed: int = 1337,
+                 rank: int = 0, world_size: int = 1):
+    """The loader a prepared folder needs: ChatBatchLoader for chat data, else BatchLoader."""
+    chat = load_meta(data_dir).get("task") == "sft"
+    return (ChatBatchLoader if chat else BatchLoader)(data_dir, split, batch_size, seq_len, seed, rank, world_size)
+
 
 
 # -----------------------------------------------------------------------------
@@ -640,9 +875,13 @@ def main(argv: list[str]) -> int:
         benchmark(cfg["vocab_size"], cfg["tokenizer"] or None)
         return 0
     t0 = time.time()
-    data_dir = prepare(cfg["dataset"], cfg["out_dir"], cfg["vocab_size"], cfg["tokenizer"] or None,
-                       cfg["text_field"], cfg["config_name"] or None, cfg["max_tokens"] or None,
-                       cfg["val_fraction"], cfg["seed"], cfg["num_proc"] or None, cfg["tokenizer_train_mb"])
+    if chat_files(cfg["dataset"]):  # conversations: the chat folder that fine-tuning (SFT) reads
+        data_dir = prepare_chat(cfg["dataset"], cfg["out_dir"], cfg["vocab_size"], cfg["tokenizer"] or None,
+                                cfg["val_fraction"], cfg["seed"], cfg["tokenizer_train_mb"])
+    else:
+        data_dir = prepare(cfg["dataset"], cfg["out_dir"], cfg["vocab_size"], cfg["tokenizer"] or None,
+                           cfg["text_field"], cfg["config_name"] or None, cfg["max_tokens"] or None,
+                           cfg["val_fraction"], cfg["seed"], cfg["num_proc"] or None, cfg["tokenizer_train_mb"])
     reused = (data_dir / META_FILE).stat().st_mtime < t0
     print(summary(load_meta(data_dir), time.time() - t0, reused))
     return 0
