@@ -77,8 +77,9 @@ _FLAG_DEFAULTS = script_constants(globals())  # taken here: the tables below are
 # Hardware presets: the settings each fills in (explicit flags win), and the memory it is sized for (GiB).
 # The training memory each needs is predicted with modern_llm.estimate_training_memory before anything runs.
 HARDWARE = {
+    # compile off: on our 2-core CPU it gains ~9% (NOTES.md) but costs ~30 s cold, a wash in a 6-minute run
     "cpu": dict(memory_gib=None, model="small", batch_size=8, grad_accum=1, seq_len=256, lr=2e-3, min_lr=2e-4,
-                warmup_steps=30, max_steps=0, max_minutes=6.0, eval_interval=100, eval_steps=10,
+                warmup_steps=30, max_steps=0, max_minutes=6.0, compile=False, eval_interval=100, eval_steps=10,
                 checkpoint_interval=100, log_interval=100),
     "rtx3060": dict(memory_gib=8, model="125m", vocab_size=32000, batch_size=4, grad_accum=8, seq_len=1024, lr=6e-4,
                     min_lr=6e-5),
@@ -90,8 +91,9 @@ HARDWARE = {
     "h100": dict(memory_gib=80, model="1.5b", vocab_size=32000, batch_size=4, grad_accum=8, seq_len=2048, lr=3e-4,
                  min_lr=3e-5),
 }
-# Dense BF16 tensor-core TFLOP/s with fp32 accumulation (NVIDIA spec sheets), for MFU; first name match wins.
-GPU_PEAK_TFLOPS = {"RTX 3060": 25.4, "RTX 4070 Ti": 80.2, "RTX 4090": 165.2, "A100": 312.0, "H100 PCIe": 756.0,
+# Dense BF16 tensor-core TFLOP/s with fp32 accumulation (NVIDIA data sheets), for MFU; the first name contained
+# in the device's name wins. (speed_optimizations_2025.py has the same figures with fp32/tf32 columns.)
+GPU_PEAK_TFLOPS = {"RTX 3060": 25.6, "RTX 4070 Ti": 80.2, "RTX 4090": 165.2, "A100": 312.0, "H100 PCIe": 756.0,
                    "H100": 989.4, "H200": 989.4}
 TRAINING_STATE = "training_state.pt"  # optimizer, GradScaler and RNG states, beside a checkpoint's weights
 NOT_INHERITED = ("resume", "out_dir", "stop_after")  # settings a resumed run does not take from the saved run
@@ -311,6 +313,26 @@ def plan_steps(step: int, seconds_per_step: float, seconds_left: float, eval_sec
     return min(planned, cfg["max_steps"]) if cfg["max_steps"] else planned
 
 
+class TimeBudget:
+    """A --max_minutes run's length: unknown until the step time is measured, after the first steps (they include
+    compilation) and the warm-up; then fixed, so the learning rate reaches MIN_LR as the time runs out."""
+
+    def __init__(self, minutes: float, start_step: int):
+        self.deadline = time.time() + 60 * minutes
+        self.start_step = start_step
+        self.mark: tuple[float, int] | None = None  # (time, step) from which the step time is measured
+
+    def plan(self, step: int, eval_seconds: float, cfg: dict) -> int | None:
+        if self.mark is None:
+            if step >= self.start_step + 2:
+                self.mark = (time.time(), step)
+            return None
+        if step < max(cfg["warmup_steps"], self.mark[1] + 5):
+            return None
+        per_step = (time.time() - self.mark[0]) / (step - self.mark[1])
+        return plan_steps(step, per_step, self.deadline - time.time(), eval_seconds, cfg)
+
+
 # -----------------------------------------------------------------------------
 # One optimizer step
 
@@ -447,13 +469,15 @@ def peak_flops(device: torch.device, autocast: torch.dtype | None) -> float | No
         return next((tf * 1e12 for gpu, tf in GPU_PEAK_TFLOPS.items() if gpu in name), None)
     if device.type != "cpu":
         return None
-    n, reps = 1024, 10
+    n = 1024
     a = torch.randn(n, n, dtype=autocast or torch.float32)
-    a @ a  # warm-up
-    t = time.perf_counter()
-    for _ in range(reps):
+    a @ a  # warm-up: library and thread-pool start-up
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
         a @ a
-    return 2 * n**3 * reps / (time.perf_counter() - t)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
 
 
 def system_line(device: torch.device) -> str:
@@ -510,6 +534,21 @@ class Monitor:
         except ImportError:  # TensorBoard is optional: pip install tensorboard
             self.tb = None
         self.bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def evaluation(self, step: int, result: dict, text: str) -> None:
+        self.log({"step": step, **result})
+        self.plot()
+        self.bar.write(f"step {step}: val loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.1f}, "
+                       f"{result['val_bpb']:.3f} bits/byte | {text!r}")
+
+    def train_step(self, record: dict, device: torch.device, log_interval: int) -> None:
+        self.log(record)
+        self.bar.update()
+        mfu = f"{record['mfu']:.1%}" if record["mfu"] else "n/a"
+        self.bar.set_postfix_str(f"loss {record['loss']:.3f} lr {record['lr']:.2e} {record['tokens_per_s']:,.0f} "
+                                 f"tok/s mfu {mfu} mem {memory_in_use(device)}")
+        if record["step"] % log_interval == 0:
+            self.bar.write(f"step {record['step']}: {system_line(device)}")
 
     def log(self, record: dict) -> None:
         self.history.append(record)
@@ -634,8 +673,7 @@ def main(argv: list[str]) -> int:
     best = saved.get("best_val_loss")
     step, bad, last_eval, eval_step, eval_seconds = start_step, 0, None, None, 0.0
     t_start = time.time()
-    deadline = t_start + 60 * cfg["max_minutes"] if max_steps is None else None
-    timing = None  # (time, step) once the first steps (compilation) are past, to measure the step time
+    budget = TimeBudget(cfg["max_minutes"], start_step) if max_steps is None else None
     last_saved = resume
     code = 0
     with stop_requests() as stop:
@@ -650,11 +688,7 @@ def main(argv: list[str]) -> int:
                     best = last_eval["val_loss"] if best is None else min(best, last_eval["val_loss"])
                     text = sample(model, tokenizer, token_ids["eos_id"], 32, autocast, device, cfg["seed"] + step)
                     eval_seconds = time.time() - t
-                    monitor.log({"step": step, **last_eval})
-                    monitor.plot()
-                    monitor.bar.write(f"step {step}: val loss {last_eval['val_loss']:.4f}, perplexity "
-                                      f"{last_eval['val_ppl']:.1f}, {last_eval['val_bpb']:.3f} bits/byte | "
-                                      f"{text!r}")
+                    monitor.evaluation(step, last_eval, text)
                 session_ends = finished or bool(stop) or 0 < cfg["stop_after"] <= step
                 if step != start_step and bad == 0 and (step % cfg["checkpoint_interval"] == 0 or session_ends):
                     record = {"global_step": step, "max_steps": max_steps, "best_val_loss": best,
@@ -688,28 +722,15 @@ def main(argv: list[str]) -> int:
                                         "then --resume=auto", "Loss is NaN or inf")
                     continue
                 bad = 0
-                loss, norm = result
-                tok_s = tokens_per_step / dt
-                mfu = flops_per_step / dt / peak if peak else None
-                monitor.log({"step": step, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": norm,
-                             "tokens_per_s": tok_s, "mfu": mfu, "elapsed_s": time.time() - t_start})
-                monitor.bar.update()
-                monitor.bar.set_postfix_str(f"loss {loss:.3f} lr {optimizer.param_groups[0]['lr']:.2e} "
-                                            f"{tok_s:,.0f} tok/s mfu {f'{mfu:.1%}' if mfu else 'n/a'} "
-                                            f"mem {memory_in_use(device)}")
-                if step % cfg["log_interval"] == 0:
-                    monitor.bar.write(f"step {step}: {system_line(device)}")
-
-                # a time budget: once the first steps (compilation) are past, measure, then fix the length
+                monitor.train_step({"step": step, "loss": result[0], "lr": optimizer.param_groups[0]["lr"],
+                                    "grad_norm": result[1], "tokens_per_s": tokens_per_step / dt,
+                                    "mfu": flops_per_step / dt / peak if peak else None,
+                                    "elapsed_s": time.time() - t_start}, device, cfg["log_interval"])
                 if max_steps is None:
-                    if timing is None and step >= start_step + 2:
-                        timing = (time.time(), step)
-                    elif timing and step >= max(cfg["warmup_steps"], timing[1] + 5):
-                        per_step = (time.time() - timing[0]) / (step - timing[1])
-                        max_steps = plan_steps(step, per_step, deadline - time.time(), eval_seconds, cfg)
+                    max_steps = budget.plan(step, eval_seconds, cfg)
+                    if max_steps is not None:
                         monitor.bar.total = max_steps
-                        monitor.bar.write(f"{per_step:.2f} s/step: the {cfg['max_minutes']:g}-minute budget "
-                                          f"allows {max_steps} steps")
+                        monitor.bar.write(f"the {cfg['max_minutes']:g}-minute budget allows {max_steps} steps")
         except torch.OutOfMemoryError:
             raise UserError(f"out of GPU memory at step {step}: lower --batch_size (raise --grad_accum to keep the "
                             "tokens per step), lower --seq_len, set --activation_checkpointing=true or use "
