@@ -756,9 +756,12 @@ def prepare_chat(dataset: str, data_root: str | Path = "data", vocab_size: int =
     for split, chosen in (("train", ~is_val), ("val", is_val)):
         picked = [c for c, keep in zip(convs, chosen) if keep]
         text = [m["content"] for _, _, msgs in picked for m in msgs]
+        replies = [m["content"] for _, _, msgs in picked for m in msgs if m["role"] == "assistant"]
         meta.update({f"{split}_documents": len(picked), f"{split}_tokens": sum(len(ids) for _, (ids, _), _ in picked),
+                     f"{split}_chars": sum(map(len, text)), f"{split}_bytes": sum(len(t.encode()) for t in text),
+                     # what the loss is on, for bits per byte: the assistant's tokens and the bytes of its text
                      f"{split}_target_tokens": sum(sum(mask) for _, (_, mask), _ in picked),
-                     f"{split}_chars": sum(map(len, text)), f"{split}_bytes": sum(len(t.encode()) for t in text)})
+                     f"{split}_target_bytes": sum(len(t.encode()) for t in replies)})
 
     def write(tmp: Path) -> None:
         for split, chosen in (("train", ~is_val), ("val", is_val)):
