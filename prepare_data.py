@@ -580,11 +580,18 @@ class BatchLoader:
     def get_batch(self, step: int, micro_step: int = 0, device="cpu"):
         import torch
 
-        rng = np.random.default_rng([self.seed, self.SPLITS[self.split], step, micro_step])
-        starts = rng.integers(0, len(self.data) - self.seq_len, size=self.batch_size * self.world_size)
-        starts = starts[self.rank::self.world_size]
+        starts = rows_of_rank(self.seed, self.split, step, micro_step, len(self.data) - self.seq_len,
+                              self.batch_size, self.rank, self.world_size)
         windows = torch.from_numpy(self.data[starts[:, None] + self.offsets].astype(np.int64))
         return to_device(windows[:, :-1].contiguous(), windows[:, 1:].contiguous(), device)
+
+
+def rows_of_rank(seed: int, split: str, step: int, micro_step: int, high: int, batch_size: int, rank: int,
+                 world_size: int) -> np.ndarray:
+    """This rank's batch_size random indices below `high`: the global batch (batch_size x world_size) is drawn
+    from (seed, split, step, micro_step) and rank r takes rows r, r + world_size, ... (see BatchLoader)."""
+    rng = np.random.default_rng([seed, BatchLoader.SPLITS[split], step, micro_step])
+    return rng.integers(0, high, size=batch_size * world_size)[rank::world_size]
 
 
 def check_loader_args(split: str, batch_size: int, seq_len: int, rank: int, world_size: int) -> None:
@@ -778,7 +785,7 @@ def prepare_chat(dataset: str, data_root: str | Path = "data", vocab_size: int =
 class ChatBatchLoader:
     """BatchLoader for chat data: each row one conversation (cut to seq_len + 1 tokens, padded after its end),
     targets -100 except on the assistant's tokens, so the loss counts only those. Rows are drawn as
-    BatchLoader draws windows, a function of (seed, split, step, micro_step, rank)."""
+    BatchLoader draws windows (rows_of_rank)."""
 
     def __init__(self, data_dir: str | Path, split: str, batch_size: int, seq_len: int, seed: int = 1337,
                  rank: int = 0, world_size: int = 1):
@@ -798,14 +805,16 @@ class ChatBatchLoader:
                             f"{seq_len + 1} tokens: raise --seq_len", "Chat data")
         self.pad_id = meta["pad_id"] if meta["pad_id"] is not None else meta["eos_id"] or 0
         self.split, self.batch_size, self.seq_len, self.seed, self.rank = split, batch_size, seq_len, seed, rank
+        self.world_size = world_size
 
     def get_batch(self, step: int, micro_step: int = 0, device="cpu"):
         import torch
 
-        rng = np.random.default_rng([self.seed, BatchLoader.SPLITS[self.split], step, micro_step, self.rank])
+        picks = rows_of_rank(self.seed, self.split, step, micro_step, len(self.usable), self.batch_size, self.rank,
+                             self.world_size)
         x = np.full((self.batch_size, self.seq_len), self.pad_id, dtype=np.int64)
         y = np.full((self.batch_size, self.seq_len), -100, dtype=np.int64)
-        for row, c in enumerate(self.usable[rng.integers(0, len(self.usable), size=self.batch_size)]):
+        for row, c in enumerate(self.usable[picks]):
             a = self.starts[c]
             b = min(self.starts[c + 1], a + self.seq_len + 1)
             ids = self.data[a:b].astype(np.int64)
