@@ -37,6 +37,8 @@ from muon_optimizer import build_optimizer
 # Settings (each is a flag: --max_steps=500); a hardware preset fills in the ones not given
 
 MODEL = "small"  # model size (modern_llm.PRESETS): tiny, small, 125m, 730m, 1.5b, 3b
+INIT_FROM = ""  # start from trained weights: a Llama folder, a run's OUT_DIR or a hub name (its shape and tokenizer)
+TASK = "auto"  # auto (sft for a chat .jsonl with "messages", else pretrain), pretrain, sft (loss on replies only)
 PRESET = "auto"  # hardware preset: auto (cpu, or by the GPU's memory), cpu, rtx3060, rtx4070ti, rtx4090, h100
 DEVICE = "auto"  # auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps
 DATASET = "builtin"  # builtin corpus, a local file or folder (.txt .jsonl ...), or a Hugging Face dataset name
@@ -63,6 +65,7 @@ DTYPE = "auto"  # auto (bf16 where supported, fp16 + GradScaler on older GPUs, e
 COMPILE = True  # torch.compile the model (eager, with a warning, where the platform has no compiler)
 COMPILE_MODE = "auto"  # auto (max-autotune on CUDA, default elsewhere), default, reduce-overhead, max-autotune
 ACTIVATION_CHECKPOINTING = False  # recompute activations in backward; turned on by itself when that makes it fit
+FREEZE_EMBEDDINGS = False  # keep the token embedding (and a tied output head) fixed: no gradient or optimizer state
 EVAL_INTERVAL = 200  # evaluate (val loss, perplexity, bits per byte, a sample) every N steps
 EVAL_STEPS = 20  # validation batches per evaluation
 CHECKPOINT_INTERVAL = 200  # save a checkpoint every N steps
@@ -95,6 +98,10 @@ HARDWARE = {
 # in the device's name wins. (speed_optimizations_2025.py has the same figures with fp32/tf32 columns.)
 GPU_PEAK_TFLOPS = {"RTX 3060": 25.6, "RTX 4070 Ti": 80.2, "RTX 4090": 165.2, "A100": 312.0, "H100 PCIe": 756.0,
                    "H100": 989.4, "H200": 989.4}
+# --init_from: defaults for starting from trained weights (flags win; they go before the hardware preset's): a
+# learning rate ~10x below pretraining's, so the updates refine what the model knows instead of overwriting it,
+# and a short warm-up, since the weights are already in a good region.
+FINETUNE = dict(lr=5e-5, min_lr=5e-6, warmup_steps=20)
 TRAINING_STATE = "training_state.pt"  # optimizer, GradScaler and RNG states, beside a checkpoint's weights
 NOT_INHERITED = ("resume", "out_dir", "stop_after")  # settings a resumed run does not take from the saved run
 GiB = 2**30
@@ -259,13 +266,90 @@ def check_same_model(path: Path, model_cfg) -> None:
 
 
 # -----------------------------------------------------------------------------
+# Starting from a pretrained model (--init_from) and chat fine-tuning (--task=sft)
+
+
+def finetune_defaults(cfg: dict, given: set[str], typed: set[str]) -> None:
+    """--init_from: FINETUNE's settings where no flag (or resumed run) set them. The model's shape comes from the
+    checkpoint, so a --model flag beside it is a mistake rather than something to ignore silently."""
+    if not cfg["init_from"]:
+        return
+    if "model" in typed:
+        raise UserError("--model and --init_from both given: with --init_from the model's shape comes from that "
+                        "checkpoint; drop --model", "Fine-tuning")
+    for name, value in FINETUNE.items():
+        if name not in given:
+            cfg[name] = value
+            given.add(name)
+
+
+def resolve_init_from(name: str) -> Path:
+    """A local Llama folder or an earlier run's OUT_DIR (its newest checkpoint), else a hub model downloaded once
+    into the Hugging Face cache (config, safetensors and tokenizer files only)."""
+    path = Path(name).expanduser()
+    if not path.exists() and not prepare_data.looks_like_path(name):
+        path = download_model(name)
+    path = resolve_checkpoint(path)
+    if modern_llm.read_quantization(path):
+        raise UserError(f"--init_from={name}: an int8 checkpoint cannot be trained; start from the floating-point "
+                        "one it was exported from", "Fine-tuning")
+    return path
+
+
+def download_model(name: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except LocalEntryNotFoundError:
+        raise UserError(f"--init_from={name!r} is not a local folder and the Hugging Face hub cannot be reached to "
+                        f"download it (offline?): download it where there is a network (hf download {name} "
+                        "--local-dir DIR) and pass --init_from=DIR", "Fine-tuning") from None
+    except (HFValidationError, HfHubHTTPError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--init_from={name!r} is neither a local folder nor a model the Hugging Face hub gives "
+                        f"(a gated model needs `hf auth login`): {first}", "Fine-tuning") from None
+
+
+def prepare_dataset(cfg: dict, init: Path | None) -> Path:
+    """Token shards, or chat data for SFT (--task=sft, or auto with a .jsonl whose lines have "messages"),
+    tokenized with --tokenizer, else --init_from's tokenizer, else a BPE trained here on the data."""
+    if cfg["task"] not in ("auto", "pretrain", "sft"):
+        raise UserError(f"--task={cfg['task']!r} is not one of: auto, pretrain, sft", "Configuration")
+    tokenizer = cfg["tokenizer"] or (str(init) if init else None)
+    chat = bool(prepare_data.chat_files(cfg["dataset"]))
+    if cfg["task"] == "sft" and not chat:
+        raise UserError(f"--task=sft needs chat data: {cfg['dataset']} is not a .jsonl file (or folder of them) with "
+                        "a \"messages\" list on every line", "Chat data")
+    if cfg["task"] == "pretrain" or not chat:
+        return prepare_data.prepare(cfg["dataset"], cfg["data_root"], cfg["vocab_size"], tokenizer,
+                                    max_tokens=cfg["max_tokens"] or None)
+    print("chat data: fine-tuning with the loss on the assistant's tokens only (SFT)")
+    return prepare_data.prepare_chat(cfg["dataset"], cfg["data_root"], cfg["vocab_size"], tokenizer)
+
+
+def pretrained_config(init: Path, meta: dict):
+    """The --init_from checkpoint's model shape, checked against the tokenizer the data was tokenized with."""
+    model_cfg = read_config(init)
+    if meta["vocab_size"] > model_cfg.vocab_size:
+        raise UserError(f"the tokenizer has {meta['vocab_size']:,} tokens but the --init_from model's embedding has "
+                        f"{model_cfg.vocab_size:,}: use the model's own tokenizer (drop --tokenizer)", "Fine-tuning")
+    return model_cfg
+
+
+# -----------------------------------------------------------------------------
 # Model, optimizer, schedule
 
 
-def build_model(model_cfg, device: torch.device, cfg: dict) -> LLM:
-    """The model with its initial weights (seeded), on the device. A resumed run then loads its weights."""
+def build_model(model_cfg, device: torch.device, cfg: dict, init_state: dict | None = None) -> LLM:
+    """The model with its initial weights (seeded, or --init_from's), on the device. A resumed run then loads its
+    weights."""
     torch.manual_seed(cfg["seed"])
     model = LLM(model_cfg).to(device)
+    if init_state is not None:
+        load_weights(model, init_state, cfg["init_from"])
+    model.model.embed_tokens.weight.requires_grad_(not cfg["freeze_embeddings"])  # the optimizer skips it if frozen
     model.activation_checkpointing = cfg["activation_checkpointing"]
     return model
 
@@ -618,22 +702,25 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--preset={cfg['preset']!r} is not one of: auto, {', '.join(HARDWARE)}", "Hardware presets")
     device = pick_device(cfg["device"])
     preset = choose_preset(cfg["preset"], device)
+    finetune_defaults(cfg, given, typed)
     apply_preset(cfg, given, preset)
     validate(cfg)
     autocast_to = autocast_dtype(cfg["dtype"], device)
 
     # Data and model shape; everything is checked before OUT_DIR is touched
-    data_dir = prepare_data.prepare(cfg["dataset"], cfg["data_root"], cfg["vocab_size"], cfg["tokenizer"] or None,
-                                    max_tokens=cfg["max_tokens"] or None)
+    init = resolve_init_from(cfg["init_from"]) if cfg["init_from"] else None
+    data_dir = prepare_dataset(cfg, init)
     meta = prepare_data.load_meta(data_dir)
-    model_cfg = model_preset(cfg["model"], vocab_size=meta["vocab_size"])
+    model_cfg = pretrained_config(init, meta) if init else model_preset(cfg["model"], vocab_size=meta["vocab_size"])
+    init_state = load_state_dict(init) if init and not resume else None  # a missing shard stops us here
     if cfg["seq_len"] > model_cfg.max_seq_len:
-        raise UserError(f"--seq_len={cfg['seq_len']} is above the {cfg['model']} model's maximum of "
+        raise UserError(f"--seq_len={cfg['seq_len']} is above the {cfg['init_from'] or cfg['model']} model's "
+                        "maximum of "
                         f"{model_cfg.max_seq_len}", "Configuration")
     if resume:
         check_same_model(resume, model_cfg)
-    train_data = prepare_data.BatchLoader(data_dir, "train", cfg["batch_size"], cfg["seq_len"], cfg["seed"])
-    val_data = prepare_data.BatchLoader(data_dir, "val", cfg["batch_size"], cfg["seq_len"], cfg["seed"])
+    train_data = prepare_data.batch_loader(data_dir, "train", cfg["batch_size"], cfg["seq_len"], cfg["seed"])
+    val_data = prepare_data.batch_loader(data_dir, "val", cfg["batch_size"], cfg["seq_len"], cfg["seed"])
     tokenizer = prepare_data.load_tokenizer(meta["tokenizer_dir"])
     plan_memory(cfg, given, model_cfg, device, preset, autocast_to)
 
@@ -644,7 +731,8 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for leftover in out.glob(f".{modern_llm.CHECKPOINT_PREFIX}*"):  # half-written or half-deleted by a killed run
         shutil.rmtree(leftover, ignore_errors=True)
-    model = build_model(model_cfg, device, cfg)
+    model = build_model(model_cfg, device, cfg, init_state)
+    del init_state  # the model holds the weights now
     optimizer = build_optimizer(model, cfg["optimizer"], lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_to == torch.float16)
     start_step, max_steps = 0, None if cfg["max_minutes"] else cfg["max_steps"]
@@ -662,8 +750,11 @@ def main(argv: list[str]) -> int:
     tokens_per_step = cfg["batch_size"] * cfg["grad_accum"] * cfg["seq_len"]
     flops_per_step = flops_per_token(model_cfg, cfg["seq_len"]) * tokens_per_step
     peak = peak_flops(device, autocast_to)
-    bytes_per_token = meta["val_bytes"] / meta["val_tokens"]
-    print(f"{cfg['model']} model, {count_params(model_cfg) / 1e6:.1f}M parameters | preset {preset} | {device} "
+    # chat data: bytes per token the loss is on (the assistant's)
+    bytes_per_token = (meta.get("val_target_bytes", meta["val_bytes"])
+                       / meta.get("val_target_tokens", meta["val_tokens"]))
+    print(f"{cfg['init_from'] or cfg['model']} model, {count_params(model_cfg) / 1e6:.1f}M parameters | "
+          f"preset {preset} | {device} "
           f"{str(autocast_to or torch.float32).removeprefix('torch.')} | {cfg['optimizer']} | compile "
           f"{train_model is not model} | activation checkpointing {cfg['activation_checkpointing']} | "
           f"{tokens_per_step:,} tokens/step ({cfg['batch_size']} x {cfg['grad_accum']} x {cfg['seq_len']}) | "
