@@ -290,6 +290,7 @@ def resolve_init_from(name: str) -> Path:
     if not path.exists() and not prepare_data.looks_like_path(name):
         path = download_model(name)
     path = resolve_checkpoint(path)
+    read_config(path)  # refuses, naming the field, what our model cannot represent: before any work on data
     if modern_llm.read_quantization(path):
         raise UserError(f"--init_from={name}: an int8 checkpoint cannot be trained; start from the floating-point "
                         "one it was exported from", "Fine-tuning")
@@ -709,10 +710,10 @@ def main(argv: list[str]) -> int:
 
     # Data and model shape; everything is checked before OUT_DIR is touched
     init = resolve_init_from(cfg["init_from"]) if cfg["init_from"] else None
+    init_state = load_state_dict(init) if init and not resume else None  # a missing shard stops us here
     data_dir = prepare_dataset(cfg, init)
     meta = prepare_data.load_meta(data_dir)
     model_cfg = pretrained_config(init, meta) if init else model_preset(cfg["model"], vocab_size=meta["vocab_size"])
-    init_state = load_state_dict(init) if init and not resume else None  # a missing shard stops us here
     if cfg["seq_len"] > model_cfg.max_seq_len:
         raise UserError(f"--seq_len={cfg['seq_len']} is above the {cfg['init_from'] or cfg['model']} model's "
                         "maximum of "
