@@ -19,11 +19,15 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
-from contextlib import contextmanager
+import traceback
+from contextlib import contextmanager, nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 import modern_llm
 import prepare_data
@@ -72,7 +76,8 @@ CHECKPOINT_INTERVAL = 200  # save a checkpoint every N steps
 KEEP_CHECKPOINTS = 2  # keep the newest N checkpoints, plus the best by validation loss
 RESUME = ""  # auto: continue from the newest checkpoint in OUT_DIR (fresh start if none); or a checkpoint dir
 SEED = 1337  # initial weights, batch order and samples
-PARALLEL = "none"  # multi-GPU strategy; only none so far (torchrun DDP/FSDP is planned)
+PARALLEL = "auto"  # under torchrun: ddp (a whole model per GPU), fsdp (FSDP2 shards), auto (ddp if it fits)
+DIST_TIMEOUT = 600  # under torchrun: seconds a process waits for the others before it stops with an error
 LOG_INTERVAL = 50  # print a CPU/RAM/GPU line every N steps
 MAX_BAD_STEPS = 3  # NaN/inf losses in a row that are skipped before the run stops at its last checkpoint
 _FLAG_DEFAULTS = script_constants(globals())  # taken here: the tables below are not flags
@@ -103,7 +108,8 @@ GPU_PEAK_TFLOPS = {"RTX 3060": 25.6, "RTX 4070 Ti": 80.2, "RTX 4090": 165.2, "A1
 # and a short warm-up, since the weights are already in a good region.
 FINETUNE = dict(lr=5e-5, min_lr=5e-6, warmup_steps=20)
 TRAINING_STATE = "training_state.pt"  # optimizer, GradScaler and RNG states, beside a checkpoint's weights
-NOT_INHERITED = ("resume", "out_dir", "stop_after")  # settings a resumed run does not take from the saved run
+NOT_INHERITED = ("resume", "out_dir", "stop_after", "parallel")  # settings a resumed run does not take from the saved run
+FAULT_ENV = "TRAIN_FAULT"  # tests only: "exit" or "hang" makes the last torchrun rank do so at step 2
 GiB = 2**30
 
 # -----------------------------------------------------------------------------
@@ -113,12 +119,12 @@ GiB = 2**30
 def validate(cfg: dict) -> None:
     """Every setting checked before anything is read or written, one clear line per mistake."""
     choices = {"schedule": ("cosine", "wsd"), "optimizer": ("adamw", "muon"),
-               "dtype": ("auto", "bfloat16", "float16", "float32"), "parallel": ("none",),
+               "dtype": ("auto", "bfloat16", "float16", "float32"), "parallel": ("auto", "ddp", "fsdp"),
                "compile_mode": ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")}
     for name, allowed in choices.items():
         if cfg[name] not in allowed:
             raise UserError(f"--{name}={cfg[name]!r} is not one of: {', '.join(allowed)}", "Configuration")
-    for name in ("batch_size", "grad_accum", "seq_len", "lr", "eval_interval", "eval_steps", "checkpoint_interval",
+    for name in ("batch_size", "grad_accum", "seq_len", "lr", "dist_timeout", "eval_interval", "eval_steps", "checkpoint_interval",
                  "keep_checkpoints", "log_interval", "max_bad_steps", "vocab_size"):
         if not cfg[name] > 0:  # `not >` also refuses NaN
             raise UserError(f"--{name} must be positive, got {cfg[name]}", "Configuration")
@@ -206,14 +212,26 @@ def memory_budget(device: torch.device, preset: str) -> tuple[int, str]:
 
 
 def plan_memory(cfg: dict, given: set[str], model_cfg, device: torch.device, preset: str,
-                autocast: torch.dtype | None) -> None:
-    """Print the predicted peak memory; turn activation checkpointing on where that is what makes the run fit
-    (unless the user said no); refuse, naming the knobs, a run that cannot fit."""
+                autocast: torch.dtype | None, world: World) -> None:
+    """Print the predicted peak memory; under torchrun pick DDP, or FSDP where only sharding makes it fit; turn
+    activation checkpointing on where that is what makes the run fit (unless the user said no); refuse, naming
+    the knobs, a run that cannot fit."""
     def predict(checkpointing: bool) -> dict:
         return estimate_training_memory(model_cfg, cfg["batch_size"], cfg["seq_len"], cfg["optimizer"],
-                                        checkpointing, autocast is not None)
+                                        checkpointing, autocast is not None, world.size, cfg["parallel"] == "fsdp")
 
     budget, where = memory_budget(device, preset)
+    if device.type == "cpu" and world.local_size > 1:  # the processes on one machine share its RAM
+        budget, where = budget // world.local_size, f"{where} / {world.local_size} processes"
+    if cfg["parallel"] == "auto":  # DDP gathers no weights, so it is faster wherever a whole model fits
+        cfg["parallel"] = "ddp"
+        if world.size > 1 and predict(True)["total"] > budget:
+            cfg["parallel"] = "fsdp"
+    if world.size > 1:
+        print(f"{world.size} processes, {cfg['parallel']}")
+        if cfg["parallel"] == "fsdp" and autocast == torch.float16:
+            raise UserError("--parallel=fsdp trains in bf16 or fp32, not fp16: use --dtype=bfloat16 (or float32), "
+                            "or --parallel=ddp", "Several GPUs")
     need = predict(cfg["activation_checkpointing"])
     if (need["total"] > budget and not cfg["activation_checkpointing"] and "activation_checkpointing" not in given
             and predict(True)["total"] <= budget):
@@ -399,8 +417,8 @@ def plan_steps(step: int, seconds_per_step: float, seconds_left: float, eval_sec
 
 
 class TimeBudget:
-    """A --max_minutes run's length: unknown until the step time is measured, after the first steps (they include
-    compilation) and the warm-up; then fixed, so the learning rate reaches MIN_LR as the time runs out."""
+    """A --max_minutes run's length: unknown until the step time is measured over 5 steps after the first two
+    (they include compilation); then fixed, so the learning rate reaches MIN_LR as the time runs out."""
 
     def __init__(self, minutes: float, start_step: int):
         self.deadline = time.time() + 60 * minutes
@@ -412,7 +430,7 @@ class TimeBudget:
             if step >= self.start_step + 2:
                 self.mark = (time.time(), step)
             return None
-        if step < max(cfg["warmup_steps"], self.mark[1] + 5):
+        if step < self.mark[1] + 5:
             return None
         per_step = (time.time() - self.mark[0]) / (step - self.mark[1])
         return plan_steps(step, per_step, self.deadline - time.time(), eval_seconds, cfg)
@@ -429,15 +447,17 @@ def train_step(model, optimizer, scaler: torch.amp.GradScaler, micro_batches: li
     Returns (loss, gradient norm), or None when the loss or the gradient was not finite and the update was
     skipped (with fp16, GradScaler skips inf gradients by itself and lowers its scale)."""
     loss_sum = 0.0
-    for x, y in micro_batches:
-        with autocast:
-            loss = model(x, y) / len(micro_batches)
-        scaler.scale(loss).backward()
+    for i, (x, y) in enumerate(micro_batches):
+        with gradient_sync(model, i == len(micro_batches) - 1):
+            with autocast:
+                loss = model(x, y) / len(micro_batches)
+            scaler.scale(loss).backward()
         loss_sum = loss_sum + loss.detach().float()  # stays on the device: one sync per step, below
-    loss_sum = float(loss_sum)
+    loss_sum = float(mean_over_processes(loss_sum))  # every process then takes the same decision below
     scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: the norm over every shard
     finite = math.isfinite(loss_sum) and (scaler.is_enabled() or math.isfinite(norm.item()))
     if finite:
         scaler.step(optimizer)
@@ -461,7 +481,7 @@ def evaluate(model: LLM, loader, steps: int, autocast, device, bytes_per_token: 
         with autocast:
             total += model(x, y).item()
     model.train()
-    loss = total / steps
+    loss = float(mean_over_processes(torch.tensor(total / steps, device=device)))  # each process had its own rows
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpb": loss / math.log(2) / bytes_per_token}
 
 
@@ -491,20 +511,26 @@ def remove_dir(path: Path) -> None:
 def save_training_checkpoint(out: Path, step: int, model: LLM, optimizer, scaler, tokenizer, record: dict,
                              token_ids: dict) -> Path:
     """OUT_DIR/checkpoint-<step>: weights, config and tokenizer (loadable by transformers as it is), plus
-    trainer_state.json and the optimizer, GradScaler and RNG states, everything written atomically."""
+    trainer_state.json and the optimizer, GradScaler and RNG states, everything written atomically.
+    Under torchrun every process calls this (FSDP2 gathers the shards) and rank 0 writes, once."""
+    optimizer_state = whole_optimizer_state(model, optimizer)
+    whole = whole_model(model)
+
     def extra(tmp: Path) -> None:
         tokenizer.save_pretrained(str(tmp))
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng},
-                   tmp / TRAINING_STATE)
+        torch.save({"optimizer": optimizer_state, "scaler": scaler.state_dict(), "rng": rng}, tmp / TRAINING_STATE)
         (tmp / modern_llm.STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
     path = out / f"{modern_llm.CHECKPOINT_PREFIX}{step}"
-    if path.exists():  # only when resuming from an older checkpoint of the same run
-        remove_dir(path)
-    return save_checkpoint(model, path, extra=extra, token_ids=token_ids)
+    if whole is not None:
+        if path.exists():  # only when resuming from an older checkpoint of the same run
+            remove_dir(path)
+        save_checkpoint(whole, path, extra=extra, token_ids=token_ids)
+    wait_for_rank0()  # no process goes on (or resumes) before the files are there
+    return path
 
 
 def save_final_model(out: Path, model: LLM, tokenizer, token_ids: dict, step: int, best: float | None) -> None:
@@ -513,7 +539,10 @@ def save_final_model(out: Path, model: LLM, tokenizer, token_ids: dict, step: in
         tokenizer.save_pretrained(str(tmp))
         (tmp / modern_llm.STATE_FILE).write_text(json.dumps({"global_step": step, "best_val_loss": best}) + "\n")
 
-    save_checkpoint(model, out, extra=extra, token_ids=token_ids)
+    whole = whole_model(model)
+    if whole is not None:
+        save_checkpoint(whole, out, extra=extra, token_ids=token_ids)
+    wait_for_rank0()
 
 
 def prune_checkpoints(out: Path, keep: int) -> None:
@@ -528,11 +557,20 @@ def prune_checkpoints(out: Path, keep: int) -> None:
 
 
 def restore(path: Path, model: LLM, optimizer, scaler) -> None:
-    """Weights, optimizer, GradScaler and RNG states of a checkpoint (weights_only: no code is unpickled)."""
-    load_weights(model, load_state_dict(path), str(path))
+    """Optimizer, GradScaler and RNG states of a checkpoint (weights_only: no code is unpickled); the weights
+    were loaded before the model was split across processes. The optimizer state is keyed by parameter name,
+    so it loads into any number of processes, each FSDP2 process taking its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
     try:
         state = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
+        parts = optimizer_parts(optimizer)
+        if set(state["optimizer"]) != set(parts):
+            raise ValueError(f"it holds the state of {' + '.join(state['optimizer'])}, this run uses "
+                             f"{' + '.join(parts)}")
+        for name, part in parts.items():
+            set_optimizer_state_dict(model, part, state["optimizer"][name],
+                                     options=StateDictOptions(full_state_dict=True))
         scaler.load_state_dict(state["scaler"])
     except (OSError, RuntimeError, KeyError, ValueError) as e:
         raise UserError(f"--resume: {path / TRAINING_STATE} does not load into this run's optimizer "
@@ -540,6 +578,185 @@ def restore(path: Path, model: LLM, optimizer, scaler) -> None:
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+# -----------------------------------------------------------------------------
+# Several processes: torchrun, DDP and FSDP2
+
+
+class World:
+    """This process's place in a torchrun job: rank 0 of 1 without torchrun."""
+
+    def __init__(self, rank: int = 0, local_rank: int = 0, size: int = 1, local_size: int = 1):
+        self.rank, self.local_rank, self.size, self.local_size = rank, local_rank, size, local_size
+
+
+def start_processes(device: torch.device, timeout_s: int) -> tuple[torch.device, World]:
+    """Under torchrun (RANK and WORLD_SIZE in the environment): one GPU per process (LOCAL_RANK), the process
+    group (NCCL on GPUs, gloo on CPUs) whose collectives give up after `timeout_s`, and stdout silenced on every
+    rank but 0, so the run prints once (errors, on stderr, still show from any rank). Else: nothing."""
+    env = os.environ
+    if int(env.get("WORLD_SIZE", 1)) == 1:
+        return device, World()
+    world = World(int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_WORLD_SIZE"]))
+    if device.type == "mps":
+        raise UserError("torchrun needs CUDA GPUs or CPUs; Apple GPUs train in one process", "Several GPUs")
+    if device.type == "cuda":
+        if world.local_rank >= torch.cuda.device_count():
+            raise UserError(f"torchrun started {world.local_size} processes on this machine but it has "
+                            f"{torch.cuda.device_count()} GPUs: use --nproc_per_node={torch.cuda.device_count()}",
+                            "Several GPUs")
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
+                            device_id=device if device.type == "cuda" else None)
+    if world.rank:
+        sys.stdout = open(os.devnull, "w")
+    return device, world
+
+
+def in_turn(world: World, work):
+    """work() on rank 0 first, then on the first process of each other machine, then on the rest: the data is
+    prepared once (or once per machine when they do not share the folder) and then reused, never written by
+    two processes at once."""
+    turn = 0 if world.rank == 0 else 1 if world.local_rank == 0 else 2
+    result = None
+    for t in range(3 if world.size > 1 else 1):
+        if t == turn:
+            result = work()
+        wait_for_rank0()
+    return result
+
+
+def parallelize(model: LLM, cfg: dict, world: World, device: torch.device, autocast: torch.dtype | None):
+    """The module to train. DDP: a whole model per process, gradients averaged during backward. FSDP2: each
+    block's weights, gradients and optimizer state split across the processes and gathered block by block for
+    its forward and backward (in bf16, gradients reduced in fp32, when training in bf16); `model` itself becomes
+    the sharded model, so build the optimizer after this."""
+    if world.size > 1 and cfg["parallel"] == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=autocast, reduce_dtype=torch.float32)
+        for block in model.model.layers:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)  # the rest: embedding (tied head) and final norm
+    train_model = compile_model(model, cfg, device)
+    if world.size > 1 and cfg["parallel"] == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    return train_model
+
+
+def gradient_sync(model, on: bool):
+    """Averaging the gradients across processes only on the last micro-batch of a step: accumulation
+    micro-steps would send the same sum piece by piece (DDP's no_sync, FSDP2's set_requires_gradient_sync)."""
+    if hasattr(model, "no_sync"):
+        return nullcontext() if on else model.no_sync()
+    sharded = getattr(model, "_orig_mod", model)
+    if hasattr(sharded, "set_requires_gradient_sync"):
+        sharded.set_requires_gradient_sync(on)
+    return nullcontext()
+
+
+def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
+    """The mean of x over all processes (x itself in one): losses are measured on each process's own rows."""
+    if not dist.is_initialized():
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)  # a sum: gloo has no average
+    return x / dist.get_world_size()
+
+
+def any_process(flag: bool, device: torch.device) -> bool:
+    """True on every process if it is on any: a Ctrl-C that reaches the processes at different steps must
+    stop them all at the same one, or the ones still training would wait for the others forever."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor(int(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def from_rank0(value: int | None, device: torch.device) -> int | None:
+    """Rank 0's value on every process (a run length each process would plan from its own clock)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor(-1 if value is None else value, device=device)
+    dist.broadcast(t, 0)
+    return None if t.item() < 0 else int(t.item())
+
+
+def wait_for_rank0() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def optimizer_parts(optimizer) -> dict:
+    """The torch optimizers inside ours by name (Muon+AdamW has two); a checkpoint stores each one's state."""
+    return {"muon": optimizer.muon, "adamw": optimizer.adamw} if hasattr(optimizer, "muon") else {"adamw": optimizer}
+
+
+def whole_model(model: LLM) -> LLM | None:
+    """The model to save, on rank 0 (None on the others): the model itself, or under FSDP2 a CPU copy gathered
+    from the shards (every process must call this: gathering is collective)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return model if not dist.is_initialized() or dist.get_rank() == 0 else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not weights:
+        return None
+    with torch.device("meta"):
+        whole = LLM(model.cfg)
+    whole.load_state_dict(weights, assign=True)  # takes the gathered tensors as they are: no second copy
+    return whole
+
+
+def whole_optimizer_state(model: LLM, optimizer) -> dict:
+    """Each part's state keyed by parameter name, on the CPU, whole (gathered from the shards under FSDP2): the
+    same file for any number of processes, so a run resumes on another number. Empty on ranks other than 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {name: get_optimizer_state_dict(model, part, options=options)
+            for name, part in optimizer_parts(optimizer).items()}
+
+
+def simulate_fault(world: World, step: int, stop: list) -> None:
+    """Tests only ($TRAIN_FAULT): at step 2 the last rank dies ("exit"), or stops answering ("hang") until
+    torchrun's SIGTERM, as a crashed or stuck GPU would; the others must then stop with a clear error."""
+    fault = os.environ.get(FAULT_ENV)
+    if fault not in ("exit", "hang") or world.size == 1 or world.rank != world.size - 1 or step != 2:
+        return
+    while fault == "hang" and not stop:
+        time.sleep(0.1)
+    os._exit(1)
+
+
+def run_torchrun(main) -> None:
+    """run_main for one process of a torchrun job, ending it the way that is reliable with gloo (NOTES.md):
+    after a good run every process meets the others, closes the process group and leaves with os._exit, which
+    skips an interpreter exit that aborts 1 time in 3-4. A process that lost the others (one died, or did not
+    answer within --dist_timeout) says so in one line; torchrun then stops the rest and exits non-zero."""
+    code = 1
+    try:
+        run_main(main)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except dist.DistError as e:
+        print(f"error: rank {os.environ['RANK']} lost the other processes (one stopped, or did not answer within "
+              f"--dist_timeout): {str(e).splitlines()[0]} (see README: torchrun hangs or stops)", file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+    if code == 0 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # -----------------------------------------------------------------------------
@@ -601,11 +818,14 @@ class Monitor:
     each evaluation), TensorBoard when installed, and the tqdm bar. A resumed run keeps the lines up to its
     step and drops those of the steps it will redo."""
 
-    def __init__(self, out: Path, start_step: int, total: int | None):
+    def __init__(self, out: Path, start_step: int, total: int | None, enabled: bool = True):
         from tqdm import tqdm
 
         self.path, self.png = out / "metrics.jsonl", out / "loss.png"
-        self.history = []
+        self.history, self.file, self.tb = [], None, None
+        self.bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True, disable=not enabled)
+        if not enabled:  # under torchrun only rank 0 writes and draws
+            return
         if start_step and self.path.is_file():
             lines = self.path.read_text().splitlines()
             self.history = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= start_step]
@@ -618,7 +838,6 @@ class Monitor:
             self.tb = SummaryWriter(str(out / "tensorboard"))
         except ImportError:  # TensorBoard is optional: pip install tensorboard
             self.tb = None
-        self.bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True)
 
     def evaluation(self, step: int, result: dict, text: str) -> None:
         self.log({"step": step, **result})
@@ -637,6 +856,8 @@ class Monitor:
 
     def log(self, record: dict) -> None:
         self.history.append(record)
+        if self.file is None:
+            return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.tb:
@@ -645,6 +866,8 @@ class Monitor:
                     self.tb.add_scalar(k, v, record["step"])
 
     def plot(self) -> None:
+        if self.file is None:
+            return
         from matplotlib.figure import Figure
 
         fig = Figure(figsize=(8, 4.5))
@@ -662,7 +885,8 @@ class Monitor:
 
     def close(self) -> None:
         self.bar.close()
-        self.file.close()
+        if self.file:
+            self.file.close()
         if self.tb:
             self.tb.close()
 
@@ -707,11 +931,12 @@ def main(argv: list[str]) -> int:
     apply_preset(cfg, given, preset)
     validate(cfg)
     autocast_to = autocast_dtype(cfg["dtype"], device)
+    device, world = start_processes(device, cfg["dist_timeout"])
 
     # Data and model shape; everything is checked before OUT_DIR is touched
     init = resolve_init_from(cfg["init_from"]) if cfg["init_from"] else None
     init_state = load_state_dict(init) if init and not resume else None  # a missing shard stops us here
-    data_dir = prepare_dataset(cfg, init)
+    data_dir = in_turn(world, lambda: prepare_dataset(cfg, init))
     meta = prepare_data.load_meta(data_dir)
     model_cfg = pretrained_config(init, meta) if init else model_preset(cfg["model"], vocab_size=meta["vocab_size"])
     if cfg["seq_len"] > model_cfg.max_seq_len:
@@ -720,10 +945,12 @@ def main(argv: list[str]) -> int:
                         f"{model_cfg.max_seq_len}", "Configuration")
     if resume:
         check_same_model(resume, model_cfg)
-    train_data = prepare_data.batch_loader(data_dir, "train", cfg["batch_size"], cfg["seq_len"], cfg["seed"])
-    val_data = prepare_data.batch_loader(data_dir, "val", cfg["batch_size"], cfg["seq_len"], cfg["seed"])
+    train_data = prepare_data.batch_loader(data_dir, "train", cfg["batch_size"], cfg["seq_len"], cfg["seed"],
+                                           world.rank, world.size)
+    val_data = prepare_data.batch_loader(data_dir, "val", cfg["batch_size"], cfg["seq_len"], cfg["seed"], world.rank,
+                                         world.size)
     tokenizer = prepare_data.load_tokenizer(meta["tokenizer_dir"])
-    plan_memory(cfg, given, model_cfg, device, preset, autocast_to)
+    plan_memory(cfg, given, model_cfg, device, preset, autocast_to, world)
 
     if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
         torch.backends.cuda.matmul.allow_tf32 = True  # Ampere+: fp32 matmuls on tensor cores, ~10 mantissa bits
@@ -734,6 +961,9 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(leftover, ignore_errors=True)
     model = build_model(model_cfg, device, cfg, init_state)
     del init_state  # the model holds the weights now
+    if resume:
+        load_weights(model, load_state_dict(resume), str(resume))  # before the model is split across processes
+    train_model = parallelize(model, cfg, world, device, autocast_to)
     optimizer = build_optimizer(model, cfg["optimizer"], lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_to == torch.float16)
     start_step, max_steps = 0, None if cfg["max_minutes"] else cfg["max_steps"]
@@ -745,12 +975,12 @@ def main(argv: list[str]) -> int:
         elif "max_minutes" not in typed:
             max_steps = saved.get("max_steps")
         print(f"resuming from {resume} at step {start_step}")
-    train_model = compile_model(model, cfg, device)
     autocast = torch.autocast(device.type, dtype=autocast_to or torch.float32, enabled=autocast_to is not None)
     token_ids = {"bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id}
-    tokens_per_step = cfg["batch_size"] * cfg["grad_accum"] * cfg["seq_len"]
+    global_batch = cfg["batch_size"] * cfg["grad_accum"] * world.size  # sequences per optimizer step
+    tokens_per_step = global_batch * cfg["seq_len"]
     flops_per_step = flops_per_token(model_cfg, cfg["seq_len"]) * tokens_per_step
-    peak = peak_flops(device, autocast_to)
+    peak = peak_flops(device, autocast_to)  # of one GPU (or CPU process): MFU divides by all of them
     # chat data: bytes per token the loss is on (the assistant's)
     bytes_per_token = (meta.get("val_target_bytes", meta["val_bytes"])
                        / meta.get("val_target_tokens", meta["val_tokens"]))
@@ -758,10 +988,11 @@ def main(argv: list[str]) -> int:
           f"preset {preset} | {device} "
           f"{str(autocast_to or torch.float32).removeprefix('torch.')} | {cfg['optimizer']} | compile "
           f"{train_model is not model} | activation checkpointing {cfg['activation_checkpointing']} | "
-          f"{tokens_per_step:,} tokens/step ({cfg['batch_size']} x {cfg['grad_accum']} x {cfg['seq_len']}) | "
+          f"{tokens_per_step:,} tokens/step (global batch {global_batch} = micro-batch {cfg['batch_size']} x "
+          f"accumulation {cfg['grad_accum']} x {world.size} processes, of {cfg['seq_len']} tokens) | "
           f"data {data_dir}")
 
-    monitor = Monitor(out, start_step, max_steps)
+    monitor = Monitor(out, start_step, max_steps, enabled=world.rank == 0)
     best = saved.get("best_val_loss")
     step, bad, last_eval, eval_step, eval_seconds = start_step, 0, None, None, 0.0
     t_start = time.time()
@@ -781,20 +1012,22 @@ def main(argv: list[str]) -> int:
                     text = sample(model, tokenizer, token_ids["eos_id"], 32, autocast, device, cfg["seed"] + step)
                     eval_seconds = time.time() - t
                     monitor.evaluation(step, last_eval, text)
-                session_ends = finished or bool(stop) or 0 < cfg["stop_after"] <= step
+                session_ends = finished or any_process(bool(stop), device) or 0 < cfg["stop_after"] <= step
                 if step != start_step and bad == 0 and (step % cfg["checkpoint_interval"] == 0 or session_ends):
                     record = {"global_step": step, "max_steps": max_steps, "best_val_loss": best,
                               "val_loss": last_eval["val_loss"] if eval_step == step else None,
                               "tokens_seen": step * tokens_per_step, "config": cfg}
                     last_saved = save_training_checkpoint(out, step, model, optimizer, scaler, tokenizer, record,
                                                           token_ids)
-                    prune_checkpoints(out, cfg["keep_checkpoints"])
+                    if world.rank == 0:
+                        prune_checkpoints(out, cfg["keep_checkpoints"])
                 if finished:
                     save_final_model(out, model, tokenizer, token_ids, step, best)
                 if session_ends:
                     break
 
                 # one optimizer step
+                simulate_fault(world, step, stop)
                 for g in optimizer.param_groups:
                     g["lr"] = g["base_lr"] * lr_factor(step, cfg, max_steps)
                 t = time.time()
@@ -816,10 +1049,10 @@ def main(argv: list[str]) -> int:
                 bad = 0
                 monitor.train_step({"step": step, "loss": result[0], "lr": optimizer.param_groups[0]["lr"],
                                     "grad_norm": result[1], "tokens_per_s": tokens_per_step / dt,
-                                    "mfu": flops_per_step / dt / peak if peak else None,
+                                    "mfu": flops_per_step / dt / (peak * world.size) if peak else None,
                                     "elapsed_s": time.time() - t_start}, device, cfg["log_interval"])
                 if max_steps is None:
-                    max_steps = budget.plan(step, eval_seconds, cfg)
+                    max_steps = from_rank0(budget.plan(step, eval_seconds, cfg), device)
                     if max_steps is not None:
                         monitor.bar.total = max_steps
                         monitor.bar.write(f"the {cfg['max_minutes']:g}-minute budget allows {max_steps} steps")
@@ -848,4 +1081,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    (run_torchrun if "WORLD_SIZE" in os.environ else run_main)(main)
