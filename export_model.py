@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from modern_llm import CONFIG_FILE, WEIGHTS_FILE, UserError, count_params, is_int8, load_model, \
+from modern_llm import CONFIG_FILE, UserError, count_params, is_int8, load_model, \
     parse_flags, quantize_int8, resolve_checkpoint, run_main, save_int8_checkpoint, script_constants
 
 CHECKPOINT = "out"  # checkpoint directory, or a training run's OUT_DIR (meaning its newest checkpoint)
@@ -178,7 +178,8 @@ def int8_export(model: nn.Module, checkpoint: Path, out: Path, cfg: dict) -> str
     the fp32 model and whether the most likely next token is still the same. What stays in floating point (the
     tied embedding, norms, scales) keeps the dtype the checkpoint was saved in."""
     hf = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
-    dtype = getattr(torch, str(hf.get("torch_dtype") or hf.get("dtype") or "float32"), torch.float32)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(hf.get("torch_dtype") or hf.get("dtype"),
+                                                                       torch.float32)
     ids = {"bos_id": hf.get("bos_token_id"), "eos_id": hf.get("eos_token_id"), "pad_id": hf.get("pad_token_id")}
     int8 = quantize_int8(copy.deepcopy(model).to(dtype))
     save_int8_checkpoint(int8, out, extra=lambda tmp: copy_files(checkpoint, tmp, TOKENIZER_FILES), token_ids=ids)
@@ -188,7 +189,7 @@ def int8_export(model: nn.Module, checkpoint: Path, out: Path, cfg: dict) -> str
     with torch.no_grad():
         want, got = model(x), int8(x)
     err, agree = max_error(got, want), (got.argmax(-1) == want.argmax(-1)).float().mean().item()
-    mb = [(p / WEIGHTS_FILE).stat().st_size / 1e6 for p in (checkpoint, out)]
+    mb = [sum(f.stat().st_size for f in p.glob("*.safetensors")) / 1e6 for p in (checkpoint, out)]
     message = (f"weights {mb[0]:.2f} MB -> {mb[1]:.2f} MB (the embedding and norms stay {str(dtype)[6:]}); "
                f"max logit error {err:.2e} relative to the largest logit; same top-1 token {agree:.1%}")
     if err > cfg["int8_tolerance"]:
