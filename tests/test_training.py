@@ -263,15 +263,15 @@ def test_reference_preset_fits_12_gib_only_with_activation_checkpointing(monkeyp
     cfg = {k.lower(): v for k, v in train._FLAG_DEFAULTS.items()}
     train.apply_preset(cfg, set(), "rtx4070ti")
     model_cfg = modern_llm.model_preset("730m")
-    cpu = torch.device("cpu")
-    train.plan_memory(cfg, set(), model_cfg, cpu, "rtx4070ti", torch.bfloat16, train.World())
+    where = (torch.device("cpu"), "rtx4070ti", torch.bfloat16, train.World())  # one process
+    train.plan_memory(cfg, set(), model_cfg, *where)
     assert cfg["activation_checkpointing"] is True  # predicted 13 GiB without, 10.4 GiB with
     cfg["activation_checkpointing"] = False
     with pytest.raises(modern_llm.UserError, match="--activation_checkpointing=true"):
-        train.plan_memory(cfg, {"activation_checkpointing"}, model_cfg, cpu, "rtx4070ti", torch.bfloat16, train.World())
+        train.plan_memory(cfg, {"activation_checkpointing"}, model_cfg, *where)
     cfg["batch_size"] = 64
     with pytest.raises(modern_llm.UserError, match="lower --batch_size"):
-        train.plan_memory(cfg, set(), model_cfg, cpu, "rtx4070ti", torch.bfloat16, train.World())
+        train.plan_memory(cfg, set(), model_cfg, *where)
 
 
 def test_schedules():
