@@ -220,3 +220,8 @@ def test_gguf_from_an_int8_checkpoint_is_refused(tiny_checkpoint, tmp_path, caps
     assert run([f"--checkpoint={tiny_checkpoint}", "--format=int8", f"--out={tmp_path / 'q'}"], capsys)[0] == 0
     code, text = run([f"--checkpoint={tmp_path / 'q'}", "--format=gguf", f"--out={tmp_path / 'q.gguf'}"], capsys)
     assert code == 2 and "int8 checkpoint" in text and not (tmp_path / "q.gguf").exists()
+
+
+def test_only_the_documented_constants_are_flags():
+    flags = set(modern_llm.script_constants(vars(export_model)))
+    assert flags == {"CHECKPOINT", "FORMAT", "OUT", "FORCE", "KV_CACHE", "TOLERANCE", "INT8_TOLERANCE", "GGUF_TYPE"}
