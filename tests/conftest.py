@@ -42,3 +42,13 @@ def make_checkpoint(path: Path, tokenizer, seed: int = 0, **overrides) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, tiny_tokenizer) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module that trains: two threads fighting other processes for two cores run far
+    slower. Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

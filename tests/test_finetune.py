@@ -1,7 +1,7 @@
 """Starting from a pretrained model (--init_from) and chat fine-tuning (SFT): a Llama saved by transformers loads
 with the same logits and trains into a directory transformers loads back; the loss mask covers exactly the
 assistant's tokens; a short SFT run teaches answers; bad inputs are one-line errors. Tiny models, fp32, one
-thread (as in test_training.py: two threads fighting other processes for two cores run far slower)."""
+thread."""
 
 import json
 import shutil
@@ -21,6 +21,7 @@ from conftest import ROOT, SAMPLE_TEXT, make_checkpoint
 from modern_llm import UserError
 
 SCRIPT = str(ROOT / "gpu_training_optimized.py")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 QA = [("What colour is the sky?", "Blue, on a clear day."), ("Who wrote Hamlet?", "William Shakespeare."),
       ("What is two plus two?", "Four."), ("Name a prime number.", "Seven is prime."),
       ("Which planet is red?", "Mars is the red planet."), ("What do bees make?", "Bees make honey."),
@@ -28,14 +29,6 @@ QA = [("What colour is the sky?", "Blue, on a clear day."), ("Who wrote Hamlet?"
 CONVERSATION = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi, who are you?"},
                 {"role": "assistant", "content": "A tiny model."}, {"role": "user", "content": "What is 2+2?"},
                 {"role": "assistant", "content": "It is 4."}]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_jsonl(path, conversations) -> str:
