@@ -33,7 +33,7 @@ from modern_llm import CONFIG_FILE as _CONFIG_FILE, UserError, count_params, is_
 
 CHECKPOINT = "out"  # checkpoint directory, or a training run's OUT_DIR (meaning its newest checkpoint)
 FORMAT = "onnx"  # onnx, int8 or gguf
-OUT = ""  # output path; empty: beside the checkpoint, named <checkpoint>-<format>
+OUT = ""  # output path; empty: beside --checkpoint, named out-onnx, out-int8 or out.gguf for --checkpoint=out
 FORCE = False  # replace OUT if it already exists
 KV_CACHE = False  # onnx: also write decoder_with_past.onnx (past keys/values in, present out) for fast decoding
 TOLERANCE = 1e-4  # onnx: largest accepted |ONNX Runtime - PyTorch| logit, relative to the largest logit (>= 1)
@@ -306,7 +306,8 @@ def write_atomically(out: Path, build: Callable[[Path], str], force: bool) -> st
     """build(staged) writes the export (a file or a directory) at `staged`, a path in a temporary directory
     beside `out`; only then is it renamed to `out`, moving any old `out` (with force) aside first."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # ".export-", not ".<name>": the training script sweeps ".checkpoint-*" leftovers out of a run directory.
+    tmp = Path(tempfile.mkdtemp(prefix=f".export-{out.name}.tmp-", dir=out.parent))
     try:
         staged = tmp / out.name
         message = build(staged)
@@ -321,6 +322,8 @@ def write_atomically(out: Path, build: Callable[[Path], str], force: bool) -> st
 
 
 def default_out(checkpoint: Path, fmt: str) -> Path:
+    """Beside what the user named (a run's OUT_DIR, not inside it): out -> out-onnx, out-int8, out.gguf."""
+    checkpoint = checkpoint.resolve()
     suffix = {"gguf": ".gguf"}.get(fmt, f"-{fmt}")
     return checkpoint.parent / f"{checkpoint.name}{suffix}"
 
@@ -348,7 +351,7 @@ def main(argv: list[str]) -> int:
     if fmt not in FORMATS:
         raise UserError(f"unknown --format={cfg['format']!r}; choose one of {', '.join(FORMATS)}", "Export errors")
     checkpoint = resolve_checkpoint(cfg["checkpoint"])
-    out = Path(cfg["out"]) if cfg["out"] else default_out(checkpoint, fmt)
+    out = Path(cfg["out"]) if cfg["out"] else default_out(Path(cfg["checkpoint"]), fmt)
     check_out(out, Path(cfg["checkpoint"]), checkpoint, cfg["force"])
     model = load_model(checkpoint, "cpu", torch.float32).eval()
     print(f"exporting {checkpoint} ({count_params(model.cfg) / 1e6:.1f}M parameters) as {fmt} to {out}")

@@ -1,6 +1,7 @@
 """export_model.py: ONNX Runtime agrees with PyTorch, the int8 checkpoint loads and generates, and bad inputs are
 refused in one line without touching what already exists."""
 
+import json
 import os
 import subprocess
 import sys
@@ -225,3 +226,17 @@ def test_gguf_from_an_int8_checkpoint_is_refused(tiny_checkpoint, tmp_path, caps
 def test_only_the_documented_constants_are_flags():
     flags = set(modern_llm.script_constants(vars(export_model)))
     assert flags == {"CHECKPOINT", "FORMAT", "OUT", "FORCE", "KV_CACHE", "TOLERANCE", "INT8_TOLERANCE", "GGUF_TYPE"}
+
+
+def test_a_run_directory_exports_its_newest_checkpoint_beside_the_run(tiny_tokenizer, tmp_path, capsys):
+    from conftest import make_checkpoint
+
+    run_dir = tmp_path / "run"
+    for step in (1, 2):
+        ckpt = make_checkpoint(run_dir / f"checkpoint-{step}", tiny_tokenizer, seed=step)
+        (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    code, text = run([f"--checkpoint={run_dir}", "--format=int8"], capsys)
+    assert code == 0, text
+    assert f"exporting {run_dir / 'checkpoint-2'} " in text
+    assert (tmp_path / "run-int8" / "model.safetensors").is_file()
+    assert sorted(os.listdir(run_dir)) == ["checkpoint-1", "checkpoint-2"]
