@@ -684,7 +684,7 @@ def chat_tokens(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     rendering: the conversation up to an assistant turn with the generation prompt is a prefix of the
     conversation including that turn, and the characters in between (trailing whitespace dropped) are the
     assistant's reply with its end-of-turn token; tokens overlapping those characters are the mask."""
-    if GENERATION_MARKER.search(tokenizer.chat_template):
+    if GENERATION_MARKER.search(str(tokenizer.chat_template)):  # str: a few tokenizers hold a dict of templates
         out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True)
         return list(out["input_ids"]), list(out["assistant_masks"])
