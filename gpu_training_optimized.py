@@ -697,12 +697,20 @@ def optimizer_parts(optimizer) -> dict:
     return {"muon": optimizer.muon, "adamw": optimizer.adamw} if hasattr(optimizer, "muon") else {"adamw": optimizer}
 
 
+def resharded(model: LLM) -> bool:
+    """Whether FSDP2 shards the model; if so its weights are put back in shards, as the optimizer knows them (an
+    evaluation, with no backward, leaves the root's embedding and norm gathered)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.reshard()
+    return isinstance(model, FSDPModule)
+
+
 def whole_model(model: LLM) -> LLM | None:
     """The model to save, on rank 0 (None on the others): the model itself, or under FSDP2 a CPU copy gathered
     from the shards (every process must call this: gathering is collective)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if not isinstance(model, FSDPModule):
+    if not resharded(model):
         return model if not dist.is_initialized() or dist.get_rank() == 0 else None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -721,6 +729,7 @@ def whole_optimizer_state(model: LLM, optimizer) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    resharded(model)
     return {name: get_optimizer_state_dict(model, part, options=options)
             for name, part in optimizer_parts(optimizer).items()}
 
@@ -746,11 +755,13 @@ def run_torchrun(main) -> None:
         run_main(main)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
-    except dist.DistError as e:
-        print(f"error: rank {os.environ['RANK']} lost the other processes (one stopped, or did not answer within "
-              f"--dist_timeout): {str(e).splitlines()[0]} (see README: torchrun hangs or stops)", file=sys.stderr)
-    except BaseException:
-        traceback.print_exc()
+    except BaseException as e:  # a lost process: NCCL raises a DistError, gloo a RuntimeError naming gloo
+        if isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and "gloo" in str(e)):
+            print(f"error: rank {os.environ['RANK']} lost the other processes (one stopped, or did not answer "
+                  f"within --dist_timeout): {str(e).splitlines()[0]} (see README: torchrun hangs or stops)",
+                  file=sys.stderr)
+        else:
+            traceback.print_exc()
     if code == 0 and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -987,7 +998,7 @@ def main(argv: list[str]) -> int:
     print(f"{cfg['init_from'] or cfg['model']} model, {count_params(model_cfg) / 1e6:.1f}M parameters | "
           f"preset {preset} | {device} "
           f"{str(autocast_to or torch.float32).removeprefix('torch.')} | {cfg['optimizer']} | compile "
-          f"{train_model is not model} | activation checkpointing {cfg['activation_checkpointing']} | "
+          f"{getattr(train_model, 'module', train_model) is not model} | activation checkpointing {cfg['activation_checkpointing']} | "
           f"{tokens_per_step:,} tokens/step (global batch {global_batch} = micro-batch {cfg['batch_size']} x "
           f"accumulation {cfg['grad_accum']} x {world.size} processes, of {cfg['seq_len']} tokens) | "
           f"data {data_dir}")
