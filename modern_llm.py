@@ -16,6 +16,7 @@ Run `python modern_llm.py` to print every size preset with its parameter count.
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
@@ -100,12 +101,23 @@ def constant_comments(path: str) -> dict[str, str]:
     return comments
 
 
+def assigned_names(path: str) -> set[str]:
+    """Names a script assigns at its top level (not those it imports)."""
+    tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    targets = [t for n in tree.body if isinstance(n, ast.Assign) for t in n.targets]
+    targets += [n.target for n in tree.body if isinstance(n, ast.AnnAssign)]
+    return {t.id for t in targets if isinstance(t, ast.Name)}
+
+
 def script_constants(module_globals: dict) -> dict[str, Any]:
-    """The UPPER_CASE constants of a script: its configuration, in the order they are written."""
+    """The UPPER_CASE constants a script assigns itself: its configuration, in the order they are written.
+    Constants it imports from another file are that file's settings, not flags of this script."""
+    own = assigned_names(module_globals["__file__"]) if "__file__" in module_globals else None
     return {
         k: v
         for k, v in module_globals.items()
         if k.isupper() and not k.startswith("_") and isinstance(v, (bool, int, float, str, list, type(None)))
+        and (own is None or k in own)
     }
 
 
@@ -731,6 +743,9 @@ def save_checkpoint(model: LLM, path: str | os.PathLike, extra: Callable[[Path],
         state = {k: v.to(dtype) for k, v in state.items()}
     dtype_name = str(next(iter(state.values())).dtype).removeprefix("torch.")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it owner-only; a checkpoint is as readable as any directory
     try:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         ids = token_ids or {}
@@ -741,8 +756,10 @@ def save_checkpoint(model: LLM, path: str | os.PathLike, extra: Callable[[Path],
         if extra is not None:
             extra(tmp)
         for f in tmp.iterdir():  # durable before the rename makes it visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            if f.is_file():
+                os.chmod(f, 0o666 & ~umask)  # safetensors writes owner-only files
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         if not path.exists():
             os.replace(tmp, path)
         else:
