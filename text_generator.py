@@ -15,7 +15,6 @@ RoPE positions, so every row generates exactly what it would alone.
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -23,7 +22,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from modern_llm import (CheckpointError, KVCache, UserError, is_int8, load_model, parse_flags, quantize_int8,
                         resolve_checkpoint, run_main, script_constants)
@@ -575,6 +573,65 @@ class Session:
 
 
 # -----------------------------------------------------------------------------
+# Benchmark: decode speed against transformers' generate
+
+BENCH_NEW_TOKENS = 128
+BENCH_PROMPT = "The quick brown fox jumps over the lazy dog"
+
+
+def timed(fn: Callable[[], object], repeats: int = 2) -> float:
+    """Best of `repeats` wall-clock seconds, after one untimed run (warm-up, compilation)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def benchmark(checkpoint: str, device: str, batch_sizes: tuple[int, ...] = (1, 8)) -> int:
+    """Greedy, BENCH_NEW_TOKENS new tokens per row (end tokens ignored, so every row decodes them all), the
+    same checkpoint and prompt for every row: ours eager/compiled x fp32/int8, and transformers' generate
+    with its default dynamic cache and with a static cache + torch.compile."""
+    from transformers import AutoModelForCausalLM, CompileConfig
+
+    path = resolve_checkpoint(checkpoint)
+    engines = {(q, c): Engine(path, device, "float32", q, c, max(batch_sizes))
+               for q in (None, "int8") for c in (False, True)}
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(pick_device(device)).eval()
+    hf.generation_config.eos_token_id = None
+    compile_config = CompileConfig(mode="default")
+    compile_config._compile_all_devices = True  # transformers compiles on GPUs only unless told
+    hf_runs = {"transformers eager": {},
+               "transformers static cache + compile": {"cache_implementation": "static", "compile_config": compile_config}}
+    prompt = engines[None, False].tokenizer.encode(BENCH_PROMPT, add_special_tokens=False)
+    params = SamplingParams(max_new_tokens=BENCH_NEW_TOKENS, temperature=0)
+    rows = []
+    for batch in batch_sizes:
+        ids = torch.tensor([prompt] * batch, device=hf.device)
+        results = {}
+        for name, extra in hf_runs.items():
+            with torch.inference_mode():
+                results[name] = timed(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                                          max_new_tokens=BENCH_NEW_TOKENS, pad_token_id=0, **extra))
+        for (q, c), engine in engines.items():
+            engine.end_tokens = set()
+            results[f"ours {'compiled' if c else 'eager'} {q or 'fp32'}"] = timed(
+                lambda: engine.generate([prompt] * batch, [params] * batch))
+        base = batch * BENCH_NEW_TOKENS / results["transformers eager"]
+        for name, seconds in results.items():
+            rows.append((batch, name, batch * BENCH_NEW_TOKENS / seconds, batch * BENCH_NEW_TOKENS / seconds / base))
+    cfg = engines[None, False].model.cfg
+    print(f"decode tokens/s: {path}, {cfg.n_layer} layers x d={cfg.d_model}, vocab {cfg.vocab_size}, "
+          f"{pick_device(device)}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"| batch | generator | tokens/s | x transformers eager |\n| --- | --- | --- | --- |")
+    for batch, name, speed, ratio in rows:
+        print(f"| {batch} | {name} | {speed:,.0f} | {ratio:.2f} |")
+    return 0
+
+
+# -----------------------------------------------------------------------------
 # One-shot mode and main
 
 
@@ -609,8 +666,6 @@ def one_shot(engine: Engine, prompts: list[str], params: SamplingParams) -> None
 
 def main(argv: list[str]) -> int:
     cfg, given = parse_flags(script_constants(globals()), argv, __file__, usage=__doc__)
-    if cfg["benchmark"]:
-        return benchmark()
     if cfg["batch_size"] < 1:
         raise UserError(f"--batch_size must be at least 1, got {cfg['batch_size']}", "Generation errors")
     params = SamplingParams(max_new_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"], top_k=cfg["top_k"],
@@ -621,6 +676,8 @@ def main(argv: list[str]) -> int:
     if "checkpoint" not in given and not Path(cfg["checkpoint"]).exists():
         raise UserError(f"no checkpoint found: {cfg['checkpoint']}/ does not exist. Train one "
                         "(python gpu_training_optimized.py) or pass --checkpoint=DIR", "Generation errors")
+    if cfg["benchmark"]:
+        return benchmark(cfg["checkpoint"], cfg["device"])
     engine = Engine(cfg["checkpoint"], cfg["device"], cfg["dtype"], cfg["quantize"] or None, cfg["compile"],
                     max_batch_size=cfg["batch_size"])
     if prompts:
