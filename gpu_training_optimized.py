@@ -990,6 +990,9 @@ def main(argv: list[str]) -> int:
     token_ids = {"bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id}
     global_batch = cfg["batch_size"] * cfg["grad_accum"] * world.size  # sequences per optimizer step
     tokens_per_step = global_batch * cfg["seq_len"]
+    if saved.get("global_batch", global_batch) != global_batch:  # e.g. resumed on another number of GPUs
+        print(f"note: the global batch was {saved['global_batch']} sequences and is now {global_batch}: to keep it, "
+              "give --batch_size or --grad_accum (see README: Several GPUs)")
     flops_per_step = flops_per_token(model_cfg, cfg["seq_len"]) * tokens_per_step
     peak = peak_flops(device, autocast_to)  # of one GPU (or CPU process): MFU divides by all of them
     # chat data: bytes per token the loss is on (the assistant's)
@@ -1027,7 +1030,8 @@ def main(argv: list[str]) -> int:
                 if step != start_step and bad == 0 and (step % cfg["checkpoint_interval"] == 0 or session_ends):
                     record = {"global_step": step, "max_steps": max_steps, "best_val_loss": best,
                               "val_loss": last_eval["val_loss"] if eval_step == step else None,
-                              "tokens_seen": step * tokens_per_step, "config": cfg}
+                              "tokens_seen": step * tokens_per_step, "global_batch": global_batch,
+                              "config": cfg}
                     last_saved = save_training_checkpoint(out, step, model, optimizer, scaler, tokenizer, record,
                                                           token_ids)
                     if world.rank == 0:

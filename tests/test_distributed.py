@@ -23,14 +23,6 @@ SCRIPT = str(ROOT / "gpu_training_optimized.py")
 STEPS = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     """A small corpus, tokenized once; every run finds it through --dataset and --data_root."""
@@ -46,6 +38,16 @@ def flags(data_root, out, *extra) -> list[str]:
             f"--out_dir={out}", "--seq_len=32", "--grad_accum=2", "--dtype=float32", "--compile=false",
             "--max_minutes=0", f"--max_steps={STEPS}", "--warmup_steps=2", "--lr=3e-3", "--eval_steps=2",
             "--eval_interval=1000", "--checkpoint_interval=3", "--log_interval=1000", *extra]
+
+
+def in_this_process(args: list[str]) -> int:
+    """One process, as torchrun's do (OMP_NUM_THREADS=1): 2 threads fighting the others for 2 cores crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train.main(args)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def free_port() -> int:
@@ -90,7 +92,7 @@ def losses(out) -> list[tuple[int, float]]:
 def one_process(data_root, tmp_path_factory):
     """The reference: 1 process, micro-batch 8."""
     out = tmp_path_factory.mktemp("one") / "out"
-    assert train.main(flags(data_root, out, "--batch_size=8")) == 0
+    assert in_this_process(flags(data_root, out, "--batch_size=8")) == 0
     return out
 
 
@@ -131,8 +133,15 @@ def test_fsdp_trains_as_ddp_and_saves_whole_checkpoints(ddp, fsdp):
 
 def test_a_checkpoint_of_2_processes_resumes_in_1(data_root, one_process, fsdp, tmp_path):
     out = tmp_path / "out"
-    assert train.main(flags(data_root, out, "--batch_size=8", f"--resume={fsdp[0] / 'checkpoint-3'}")) == 0
+    assert in_this_process(flags(data_root, out, "--batch_size=8", f"--resume={fsdp[0] / 'checkpoint-3'}")) == 0
     assert_same_weights(out, one_process)
+
+
+def test_resuming_with_another_global_batch_says_so(data_root, fsdp, tmp_path, capsys):
+    """Resumed in 1 process, the saved micro-batch of 4 makes a global batch of 8 instead of 16."""
+    out = tmp_path / "out"
+    assert in_this_process(flags(data_root, out, "--max_steps=4", f"--resume={fsdp[0] / 'checkpoint-3'}")) == 0
+    assert "note: the global batch was 16 sequences and is now 8" in capsys.readouterr().out
 
 
 def test_a_checkpoint_of_1_process_resumes_in_2_with_fsdp(data_root, one_process, tmp_path):
