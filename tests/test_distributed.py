@@ -16,7 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 import gpu_training_optimized as train
+import modern_llm
 import prepare_data
+from modern_llm import UserError
 from conftest import ROOT, SAMPLE_TEXT
 
 SCRIPT = str(ROOT / "gpu_training_optimized.py")
@@ -164,3 +166,24 @@ def test_a_lost_rank_stops_the_run_with_a_clear_error(data_root, tmp_path, fault
     if fault == "hang":
         assert "error: rank 0 lost the other processes" in run.stderr
         assert 'gpu_training_optimized.py", line' not in run.stderr  # one line, no traceback
+
+
+def test_auto_shards_only_what_a_whole_gpu_cannot_hold(monkeypatch):
+    """The memory plan under torchrun: DDP while a whole model fits one (24 GiB) GPU, FSDP when only sharding
+    fits, and FSDP refused in fp16 (it needs bf16 or fp32)."""
+    monkeypatch.setattr(train, "memory_budget", lambda device, preset: (24 * train.GiB, "a 24 GiB GPU"))
+
+    def plan(model: str, processes: int, dtype=torch.bfloat16) -> str:
+        cfg = {"batch_size": 4, "seq_len": 512, "optimizer": "adamw", "activation_checkpointing": False,
+               "parallel": "auto"}
+        world = train.World(0, 0, processes, processes)
+        train.plan_memory(cfg, set(), modern_llm.model_preset(model, vocab_size=32000), torch.device("cuda"),
+                          "rtx4090", dtype, world)
+        return cfg["parallel"]
+
+    assert plan("730m", 2) == "ddp"
+    assert plan("3b", 8) == "fsdp"  # ~48 GiB of weights, gradients and AdamW state: 1/8 of it per GPU
+    with pytest.raises(UserError, match="this run needs about"):
+        plan("3b", 1)
+    with pytest.raises(UserError, match="bf16 or fp32"):
+        plan("3b", 8, torch.float16)
