@@ -108,7 +108,8 @@ GPU_PEAK_TFLOPS = {"RTX 3060": 25.6, "RTX 4070 Ti": 80.2, "RTX 4090": 165.2, "A1
 # and a short warm-up, since the weights are already in a good region.
 FINETUNE = dict(lr=5e-5, min_lr=5e-6, warmup_steps=20)
 TRAINING_STATE = "training_state.pt"  # optimizer, GradScaler and RNG states, beside a checkpoint's weights
-NOT_INHERITED = ("resume", "out_dir", "stop_after", "parallel")  # settings a resumed run does not take from the saved run
+# settings a resumed run does not take from the saved run (checkpoints are the same for any parallelism)
+NOT_INHERITED = ("resume", "out_dir", "stop_after", "parallel")
 FAULT_ENV = "TRAIN_FAULT"  # tests only: "exit" or "hang" makes the last torchrun rank do so at step 2
 GiB = 2**30
 
@@ -124,8 +125,8 @@ def validate(cfg: dict) -> None:
     for name, allowed in choices.items():
         if cfg[name] not in allowed:
             raise UserError(f"--{name}={cfg[name]!r} is not one of: {', '.join(allowed)}", "Configuration")
-    for name in ("batch_size", "grad_accum", "seq_len", "lr", "dist_timeout", "eval_interval", "eval_steps", "checkpoint_interval",
-                 "keep_checkpoints", "log_interval", "max_bad_steps", "vocab_size"):
+    for name in ("batch_size", "grad_accum", "seq_len", "lr", "dist_timeout", "eval_interval", "eval_steps",
+                 "checkpoint_interval", "keep_checkpoints", "log_interval", "max_bad_steps", "vocab_size"):
         if not cfg[name] > 0:  # `not >` also refuses NaN
             raise UserError(f"--{name} must be positive, got {cfg[name]}", "Configuration")
     for name in ("max_steps", "max_minutes", "stop_after", "warmup_steps", "min_lr", "weight_decay", "grad_clip",
@@ -644,7 +645,8 @@ def parallelize(model: LLM, cfg: dict, world: World, device: torch.device, autoc
     if world.size > 1 and cfg["parallel"] == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+        gpu = [device.index] if device.type == "cuda" else None
+        train_model = DistributedDataParallel(train_model, device_ids=gpu)
     return train_model
 
 
@@ -1001,7 +1003,8 @@ def main(argv: list[str]) -> int:
     print(f"{cfg['init_from'] or cfg['model']} model, {count_params(model_cfg) / 1e6:.1f}M parameters | "
           f"preset {preset} | {device} "
           f"{str(autocast_to or torch.float32).removeprefix('torch.')} | {cfg['optimizer']} | compile "
-          f"{getattr(train_model, 'module', train_model) is not model} | activation checkpointing {cfg['activation_checkpointing']} | "
+          f"{getattr(train_model, 'module', train_model) is not model} | "
+          f"activation checkpointing {cfg['activation_checkpointing']} | "
           f"{tokens_per_step:,} tokens/step (global batch {global_batch} = micro-batch {cfg['batch_size']} x "
           f"accumulation {cfg['grad_accum']} x {world.size} processes, of {cfg['seq_len']} tokens) | "
           f"data {data_dir}")
