@@ -342,6 +342,8 @@ def run_command(work: Workdir, command: str) -> None:
     if program in ("python", "python3") and words[1:3] == ["-m", "pytest"]:
         # the test command itself: it must be what CI runs (running it here would recurse)
         assert words[1:] == ci_test_command().split()[1:], ci_test_command()
+    elif program in ("python", "python3") and words[1] == "-c":
+        subprocess.run([sys.executable, *words[1:]], cwd=work.path, env=subprocess_env(env), check=True)
     elif program in ("python", "python3") and words[1].endswith(".py"):
         script, flags = words[1], work.rewrite(words[1], words[2:])
         if script == "serve.py":
@@ -395,3 +397,14 @@ def test_readme_starts_with_the_two_fresh_machine_commands():
     assert first[:2] == ["pip install -r requirements.txt", "python gpu_training_optimized.py"], first
     assert ci_test_command().split()[1:] == ["-m", "pytest", "-q"]
     assert "python -m pytest -q" in first, first
+
+
+def test_readme_links_to_sections_that_exist():
+    """[text](#anchor) links: GitHub's anchor of a heading is its text lower-cased, punctuation dropped, spaces to -."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    anchors = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in readme_headings()}
+    links = set(re.findall(r"\]\(#([^)]+)\)", text))
+    assert links, "the README links its sections"
+    assert not links - anchors, f"links to no heading: {sorted(links - anchors)}"
+    for image in re.findall(r"!\[[^\]]*\]\(([^)#:]+)\)", text):
+        assert (ROOT / image).is_file(), image
