@@ -95,8 +95,8 @@ SIZES = {
     "serve.py": {"port": "0", "compile": "false"},
     "export_model.py": {"force": "true"},  # each line is an alternative: let them write the same default OUT
     "evaluate_model.py": {"max_tokens": "2000", "seq_len": "32"},
-    "speed_optimizations_2025.py": {"model": "tiny", "batch_size": "2", "seq_len": "16", "warmup_steps": "0",
-                                    "steps": "1", "out": "speed"},
+    "speed_optimizations_2025.py": {"quick": "true", "batch_size": "2", "seq_len": "16", "warmup_steps": "0",
+                                    "steps": "1", "out": "speed"},  # quick: the tiny model, a rough peak
     "muon_optimizer.py": {"model": "tiny", "steps": "2", "batch_size": "2", "seq_len": "16", "eval_interval": "1",
                           "eval_batches": "1", "adamw_lrs": "1e-3", "muon_lrs": "1e-3", "threads": "1",
                           "data_dir": "muon/data", "out_dir": "muon"},
@@ -104,23 +104,28 @@ SIZES = {
 INTERACTIVE_INPUT = "Once upon a time\n/temp 0.5\n/quit\n"  # text_generator.py's prompt, typed
 
 
+def readme_blocks() -> list[tuple[str, str, str]]:
+    """(section, language, text) of each fenced block of the README, in order (indented ones too)."""
+    blocks, section, lang, indent, block = [], "", None, "", []
+    for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines():
+        fence = re.match(r"(\s*)```(\w*)", line)
+        if lang is None and fence:
+            indent, lang, block = fence.group(1), fence.group(2), []
+        elif lang is not None and fence:
+            blocks.append((section, lang, "\n".join(block)))
+            lang = None
+        elif lang is not None:
+            block.append(line.removeprefix(indent))
+        elif line.startswith("#"):
+            section = line.lstrip("#").strip()
+    return blocks
+
+
 def readme_commands() -> list[tuple[str, str]]:
     """(section, command) for each command of the README's bash and PowerShell blocks, in order: continuation
     lines joined, comments dropped, `a && b` split in two."""
-    commands, section, lang, block = [], "", None, []
-    for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines():
-        fence = re.match(r"\s*```(\w*)", line)
-        if lang is None and fence:
-            lang, block = fence.group(1), []
-        elif lang is not None and fence:
-            if lang in ("bash", "powershell"):
-                commands += [(section, c) for c in block_commands("\n".join(block), lang)]
-            lang = None
-        elif lang is not None:
-            block.append(line)
-        elif line.startswith("#"):
-            section = line.lstrip("#").strip()
-    return commands
+    return [(section, c) for section, lang, text in readme_blocks() if lang in ("bash", "powershell")
+            for c in block_commands(text, lang)]
 
 
 def block_commands(text: str, lang: str) -> list[str]:
@@ -408,3 +413,20 @@ def test_readme_links_to_sections_that_exist():
     assert not links - anchors, f"links to no heading: {sorted(links - anchors)}"
     for image in re.findall(r"!\[[^\]]*\]\(([^)#:]+)\)", text):
         assert (ROOT / image).is_file(), image
+
+
+# The README's Python examples run too (after the commands: they use the server and the exports those made),
+# except fragments that use names the reader defines:
+PYTHON_NOT_RUN = {"build_optimizer(model": "a fragment: `model`, `factor` and `matrices` are the reader's own"}
+PYTHON_BLOCKS = [(section, text) for section, lang, text in readme_blocks() if lang == "python"]
+
+
+@pytest.mark.parametrize("section,code", PYTHON_BLOCKS, ids=[s[:20] for s, _ in PYTHON_BLOCKS])
+def test_readme_python_example_runs(workdir, section, code):
+    why = next((w for pattern, w in PYTHON_NOT_RUN.items() if pattern in code), None)
+    if why:
+        compile(code, f"README {section}", "exec")  # still valid Python
+        pytest.skip(why)
+    if workdir.url:
+        code = code.replace("http://127.0.0.1:8000", workdir.url)
+    exec(compile(code, f"README {section}", "exec"), {"__name__": "readme_example"})
