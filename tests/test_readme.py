@@ -82,14 +82,13 @@ NOT_RUN = {
     "prepare_data.py --benchmark": "tokenizes the built-in corpus 9 times (about a minute)",
 }
 # Environment setup: pip's requirements are checked to be installed; venv/conda lines are what CI itself did.
-SETUP = ("python -m venv", "python3 -m venv", "source ", "conda ", ".venv\\Scripts\\Activate.ps1",
-         "Set-ExecutionPolicy", "git clone", "cd ")
+SETUP = ("python -m venv", "python3 -m venv", "source ")
 # Sizes each script is run with (the README's value replaced, or the flag added).
 SIZES = {
-    "gpu_training_optimized.py": {"model": "tiny", "max_steps": "2", "max_minutes": "0", "seq_len": "32", "batch_size": "2",
-                                  "grad_accum": "1", "warmup_steps": "1", "eval_steps": "1", "eval_interval": "100",
-                                  "checkpoint_interval": "100", "vocab_size": "300", "data_root": "data",
-                                  "compile": "false"},  # compiling costs ~30 s a run; test_training compiles
+    "gpu_training_optimized.py": {"model": "tiny", "max_steps": "2", "max_minutes": "0", "seq_len": "32",
+                                  "batch_size": "2", "grad_accum": "1", "warmup_steps": "1", "eval_steps": "1",
+                                  "eval_interval": "100", "checkpoint_interval": "100", "vocab_size": "300",
+                                  "data_root": "data", "compile": "false"},  # compiling: ~30 s; test_training does
     "prepare_data.py": {"vocab_size": "300", "out_dir": "data"},
     "text_generator.py": {"max_new_tokens": "4", "compile": "false"},
     "serve.py": {"port": "0", "compile": "false"},
@@ -234,7 +233,7 @@ def workdir(tmp_path_factory, tiny_tokenizer):
     mp.setattr(prepare_data, "builtin_documents", lambda: tuple(SAMPLE_TEXT))
     mp.chdir(path)
     work = Workdir(path)
-    run_python(work, "gpu_training_optimized.py", ["--out_dir=out"] + with_sizes([], SIZES["gpu_training_optimized.py"]))
+    run_python("gpu_training_optimized.py", with_sizes(["--out_dir=out"], SIZES["gpu_training_optimized.py"]))
     yield work
     mp.undo()
     if work.server:
@@ -242,7 +241,7 @@ def workdir(tmp_path_factory, tiny_tokenizer):
         work.server.wait(10)
 
 
-def run_python(work: Workdir, script: str, flags: list[str], env: dict | None = None) -> None:
+def run_python(script: str, flags: list[str], env: dict | None = None) -> None:
     """main(flags) in this process (seconds instead of a new interpreter per command)."""
     module = importlib.import_module(script.removesuffix(".py"))
     mp = pytest.MonkeyPatch()
@@ -354,7 +353,7 @@ def run_command(work: Workdir, command: str) -> None:
         if script == "serve.py":
             start_server(work, flags)
         else:
-            run_python(work, script, flags, env)
+            run_python(script, flags, env)
     elif program == "pip":
         check_pip(words)
     elif program == "torchrun":
