@@ -299,3 +299,14 @@ def test_time_budget_ends_with_the_learning_rate_at_its_minimum(data_root, tmp_p
     assert len(steps) > 10
     assert steps[-1]["lr"] < 2e-5  # the cosine reached its floor as the budget ran out
     assert steps[-1]["elapsed_s"] < 2 * 6
+
+
+def test_pruning_keeps_the_newest_and_the_best(tmp_path):
+    for step, val_loss in ((10, 3.0), (20, 2.5), (30, None), (40, 2.7), (50, None)):
+        ckpt = tmp_path / f"checkpoint-{step}"
+        ckpt.mkdir()
+        (ckpt / "config.json").write_text("{}")
+        (ckpt / "model.safetensors").write_bytes(b"")
+        (ckpt / modern_llm.STATE_FILE).write_text(json.dumps({"global_step": step, "val_loss": val_loss}))
+    train.prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-20", "checkpoint-40", "checkpoint-50"]
