@@ -579,14 +579,17 @@ BENCH_NEW_TOKENS = 128
 BENCH_PROMPT = "The quick brown fox jumps over the lazy dog"
 
 
-def timed(fn: Callable[[], object], repeats: int = 2) -> float:
-    """Best of `repeats` wall-clock seconds, after one untimed run (warm-up, compilation)."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+def timed(fns: dict[str, Callable[[], object]], rounds: int = 3) -> dict[str, float]:
+    """Best wall-clock seconds of each function over `rounds` rounds, after one untimed call each (warm-up,
+    compilation). Round-robin, so a machine that gets busier or quieter meanwhile affects all of them alike."""
+    for fn in fns.values():
         fn()
-        best = min(best, time.perf_counter() - start)
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
@@ -610,22 +613,22 @@ def benchmark(checkpoint: str, device: str, batch_sizes: tuple[int, ...] = (1, 8
     rows = []
     for batch in batch_sizes:
         ids = torch.tensor([prompt] * batch, device=hf.device)
-        results = {}
-        for name, extra in hf_runs.items():
-            with torch.inference_mode():
-                results[name] = timed(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                                          max_new_tokens=BENCH_NEW_TOKENS, pad_token_id=0, **extra))
+        runs = {name: lambda extra=extra: hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                                     max_new_tokens=BENCH_NEW_TOKENS, pad_token_id=0, **extra)
+                for name, extra in hf_runs.items()}
         for (q, c), engine in engines.items():
             engine.end_tokens = set()
-            results[f"ours {'compiled' if c else 'eager'} {q or 'fp32'}"] = timed(
-                lambda: engine.generate([prompt] * batch, [params] * batch))
+            runs[f"ours {'compiled' if c else 'eager'} {q or 'fp32'}"] = \
+                lambda engine=engine: engine.generate([prompt] * batch, [params] * batch)
+        with torch.inference_mode():
+            results = timed(runs)
         base = batch * BENCH_NEW_TOKENS / results["transformers eager"]
         for name, seconds in results.items():
             rows.append((batch, name, batch * BENCH_NEW_TOKENS / seconds, batch * BENCH_NEW_TOKENS / seconds / base))
     cfg = engines[None, False].model.cfg
     print(f"decode tokens/s: {path}, {cfg.n_layer} layers x d={cfg.d_model}, vocab {cfg.vocab_size}, "
           f"{pick_device(device)}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"| batch | generator | tokens/s | x transformers eager |\n| --- | --- | --- | --- |")
+    print("| batch | generator | tokens/s | x transformers eager |\n| --- | --- | --- | --- |")
     for batch, name, speed, ratio in rows:
         print(f"| {batch} | {name} | {speed:,.0f} | {ratio:.2f} |")
     return 0
