@@ -376,6 +376,7 @@ class LLM(nn.Module):
         self.model = Decoder(cfg)
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.int8_head: Int8Linear | None = None  # quantize_int8's copy of the output head (never saved)
         self.activation_checkpointing = False
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.cache_len = 0
@@ -451,7 +452,7 @@ class LLM(nn.Module):
             else:
                 x = layer(x, cos, sin, slots, mask)
         x = self.model.norm(x)
-        logits = F.linear(x, self.output_weight)
+        logits = F.linear(x, self.output_weight) if self.int8_head is None else self.int8_head(x)
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
@@ -714,6 +715,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     if read_quantization(path):  # an int8 checkpoint: give the model int8 layers before filling them
         replace_linears(model, Int8Linear.empty_like)
     load_weights(model, state, str(path))
+    if read_quantization(path):
+        quantize_output_head(model)
     model.inv_freq = rope_inv_freq(cfg).to(device)
     return model.to(dtype)
 
@@ -820,6 +823,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 # Weight-only int8: int8 weights with one scale per output channel, activations stay in floating point
 
 INT8_METHOD = "int8_weight_only"  # config.json's quantization_config.quant_method for save_int8_checkpoint
+INT8_FUSED_ROWS = 4  # compiled Int8Linear: up to this many input rows, fuse dequantization into the product
+INT8_BLOCK_ROWS = 1024  # eager Int8Linear: weight rows dequantized at a time (a float block that fits in cache)
 
 
 class Int8Linear(nn.Module):
@@ -827,11 +832,13 @@ class Int8Linear(nn.Module):
     W ~= weight * weight_scale[:, None]. Decoding is bound by reading the weights, so a quarter of fp32's
     bytes is what makes it faster; accuracy stays close because each row gets its own range."""
 
-    def __init__(self, in_features: int, out_features: int, dtype=torch.float32, device=None):
+    def __init__(self, in_features: int, out_features: int, dtype=torch.float32, device=None, persistent=True):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("weight_scale", torch.empty(out_features, dtype=dtype, device=device))
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device),
+                             persistent=persistent)
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=dtype, device=device),
+                             persistent=persistent)
 
     @classmethod
     def empty_like(cls, linear: nn.Linear) -> "Int8Linear":
@@ -839,9 +846,13 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def quantize(cls, linear: nn.Linear) -> "Int8Linear":
+        return cls.from_weight(linear.weight)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, persistent: bool = True) -> "Int8Linear":
         """Symmetric round-to-nearest: each row's largest |w| maps to 127."""
-        q = cls.empty_like(linear)
-        w = linear.weight.detach().float()
+        q = cls(weight.size(1), weight.size(0), weight.dtype, weight.device, persistent)
+        w = weight.detach().float()
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
         q.weight.copy_(torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
         q.weight_scale.copy_(scale)
@@ -849,15 +860,23 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The scale is applied to the output, not the weight: one multiply per output instead of per weight.
-        return F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
+        scale = self.weight_scale.to(x.dtype)
+        if torch.compiler.is_compiling() and x.numel() <= INT8_FUSED_ROWS * self.in_features:
+            # A few rows (a decode step): written as product-and-sum, the compiler fuses the int8 -> float
+            # conversion into the reduction and reads each weight byte once; F.linear needs a float copy of
+            # the weight first, four times its bytes written and read again.
+            return (x[..., None, :] * self.weight.to(x.dtype)).sum(-1) * scale
+        # Eagerly, dequantize a block of rows at a time: its float copy stays in cache instead of going to memory.
+        w = self.weight.split(INT8_BLOCK_ROWS)
+        return torch.cat([F.linear(x, block.to(x.dtype)) for block in w], dim=-1) * scale
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
 def replace_linears(model: LLM, make: Callable[[nn.Linear], nn.Module]) -> LLM:
-    """Swap every Linear inside the blocks for make(linear). The tied embedding/output head stays as it is:
-    it is both a lookup table and the head, and the logits are the most precision-sensitive product."""
+    """Swap every Linear inside the blocks for make(linear). The embedding and output head stay as they are
+    (quantize_output_head gives the head an unsaved int8 copy: a tied head is the embedding's lookup table too)."""
     for block in model.model.layers:
         for parent in (block.self_attn, block.mlp):
             for name, child in list(parent.named_children()):
@@ -866,10 +885,19 @@ def replace_linears(model: LLM, make: Callable[[nn.Linear], nn.Module]) -> LLM:
     return model
 
 
-def quantize_int8(model: LLM) -> LLM:
-    """Quantize the model's block weights to int8 in place (per output channel); returns the model."""
+def quantize_output_head(model: LLM) -> None:
+    """An int8 copy of the output head for the logits (a quarter of the bytes read per decoded token). It is
+    not saved: the checkpoint keeps the floating-point head (the tied embedding), which lookups need anyway."""
     with torch.no_grad():
-        return replace_linears(model, Int8Linear.quantize)
+        model.int8_head = Int8Linear.from_weight(model.output_weight, persistent=False)
+
+
+def quantize_int8(model: LLM) -> LLM:
+    """Quantize the model's block weights and output head to int8 in place (per output channel); returns it."""
+    with torch.no_grad():
+        replace_linears(model, Int8Linear.quantize)
+    quantize_output_head(model)
+    return model
 
 
 def is_int8(model: LLM) -> bool:
