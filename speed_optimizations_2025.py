@@ -132,7 +132,7 @@ def bf16_autocast(bench: Bench) -> Setup | str:
     Why it helps: bf16 matmuls run at 2x (CPU with AVX512-BF16/AMX) to 16x (GPU tensor cores) the fp32 rate and
     move half the bytes; saved activations are half the size. When it does not: weights, grads and AdamW state
     (16 bytes/parameter) are unchanged, so "50% less memory" holds only for activations; CPUs without bf16
-    instructions emulate it and get slower. Measured here: see README "Performance".
+    instructions emulate it and get slower. Measured here: 1.5x-2.2x faster, 13% less peak memory.
     """
     return Setup(autocast=True)
 
@@ -144,7 +144,7 @@ def compile_default(bench: Bench) -> Setup | str:
     Why it helps: a small or memory-bound model spends much of its time in those elementwise ops and the kernel
     launches between them. When it does not: large matmul-bound models (little left to fuse), and short runs,
     because compilation costs ~30 s on CPU (minutes with max-autotune) before the first step.
-    Measured here: see README "Performance".
+    Measured here: 1.1x-1.4x faster, 30% less peak memory (fused ops keep fewer activations for backward).
     """
     return Setup(compile_mode="default")
 
@@ -169,7 +169,8 @@ def fused_adamw(bench: Bench) -> Setup | str:
     Why it helps: the update reads and writes 16 bytes per parameter several times; fusing it reads them once.
     When it does not: the optimizer step is a small share of a step with a large batch (the 10-20% claim is of
     the optimizer step, not of training), and the gain shrinks as tokens per step grow. Fused AdamW exists on
-    CPU too in PyTorch 2.4+. Measured here: see README "Performance".
+    CPU too in PyTorch 2.4+. Measured here: the optimizer step 2.6-2.9x faster (9 vs 26 ms), the whole
+    step 1.0x-1.2x (the optimizer is ~2% of a 2,048-token step).
     """
     return Setup(optimizer="fused")
 
@@ -183,7 +184,7 @@ def muon(bench: Bench) -> Setup | str:
     (m <= n) is about 30*m*m*n FLOPs a step, against 6*m*n per token for the training itself, so the optimizer
     adds ~5*m/tokens-per-step of the step's matmul work: ~1.5% at d=768 with 2^18 tokens per step, but as much
     as the whole forward+backward at this table's 2,048. The table shows time per step only; fewer steps to
-    the same loss is muon_optimizer.py's own benchmark.
+    the same loss is muon_optimizer.py's own benchmark. Measured here: 0.7x-0.8x of AdamW's step speed.
     """
     try:
         import muon_optimizer  # noqa: F401
@@ -226,7 +227,8 @@ def sdpa_cudnn(bench: Bench) -> Setup | str:
 def sdpa_math(bench: Bench) -> Setup | str:
     """The reference "math" attention: matmul, softmax, matmul, with the T x T scores in memory (and K/V
     repeated for grouped-query attention). It is what a hand-written attention does, and the kernel the
-    others are measured against: expect it slower and larger, more so as the sequence grows.
+    others are measured against: expect it slower and larger, more so as the sequence grows. Measured here
+    (CPU, T=256): 18% more peak memory than flash; the speed difference was within this machine's noise.
     """
     return Setup(sdpa=SDPBackend.MATH)
 
@@ -237,7 +239,8 @@ def activation_checkpointing(bench: Bench) -> Setup | str:
 
     Why it helps: activation memory drops from all blocks' intermediates to one block's, so a larger batch or
     model fits. What it costs: one more forward pass per block, ~30% more compute (a slower step, never a
-    faster one); the MFU column counts only the model's own FLOPs. Measured here: see README "Performance".
+    faster one); the MFU column counts only the model's own FLOPs. Measured here: 0.84x-1.0x speed, 48% less
+    peak memory.
     """
     return Setup(checkpointing=True)
 
@@ -247,7 +250,8 @@ def gradient_accumulation(bench: Bench) -> Setup | str:
 
     Why use it: the effective batch a recipe needs, on a GPU that fits only a smaller one. What it costs:
     smaller matmuls run less efficiently and there are more kernel launches, while the optimizer step is paid
-    once either way. The row shows that overhead against the one-shot batch.
+    once either way. The row shows that overhead against the one-shot batch. Measured here (4 micro-batches
+    of 2 rows): ~1.0x speed, 53% less peak memory.
     """
     if bench.batch_size % bench.grad_accum:
         return f"--batch_size={bench.batch_size} does not split into --grad_accum={bench.grad_accum} micro-batches"
@@ -269,6 +273,7 @@ def all_together(bench: Bench) -> Setup | str:
     """Everything that speeds up a step, at once: bf16 autocast, torch.compile (default mode: max-autotune's
     compile time is too long for everyday runs), fused AdamW, TF32 where the GPU has it, PyTorch's own choice
     of attention kernel. Activation checkpointing and accumulation are left out: they trade speed for memory.
+    Measured here: 1.5x-2.2x faster, 48% less peak memory.
     """
     return Setup(autocast=True, compile_mode="default", optimizer="fused", tf32=bench.tf32_capable())
 
@@ -277,6 +282,7 @@ def transformers_llama(bench: Bench) -> Setup | str:
     """transformers' LlamaForCausalLM with the same config and weights, eager fp32, foreach AdamW: the outside
     reference for our own baseline row (they should be equally fast: same math, same kernels). The loss is
     computed the same way for both (their built-in loss shifts the labels, a little different work).
+    Measured here: 0.98x-1.04x of our eager model, the same peak memory.
     """
     try:
         import transformers  # noqa: F401
@@ -556,9 +562,9 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         if "tokens_per_s" in r:
+            memory = f"{r['memory_ratio']:.2f}x" if "memory_ratio" in r else "n/a"  # n/a: the baseline failed
             cells = [f"{r['tokens_per_s']:,.0f}", f"{r['speedup']:.2f}x", f"{r['fwd_bwd_ms']:,.1f}",
-                     f"{r['optimizer_ms']:,.1f}", f"{r['peak_mib']:,.0f}", f"{r['memory_ratio']:.2f}x" if "memory_ratio" in r else "n/a",
-                     f"{100 * r['mfu']:.1f}%"]
+                     f"{r['optimizer_ms']:,.1f}", f"{r['peak_mib']:,.0f}", memory, f"{100 * r['mfu']:.1f}%"]
         else:
             cells = ["n/a"] + [""] * 6
         lines.append("| " + " | ".join([r["row"], r["technique"], *cells, r.get("note", "")]) + " |")
