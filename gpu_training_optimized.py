@@ -99,10 +99,6 @@ HARDWARE = {
     "h100": dict(memory_gib=80, model="1.5b", vocab_size=32000, batch_size=4, grad_accum=8, seq_len=2048, lr=3e-4,
                  min_lr=3e-5),
 }
-# Dense BF16 tensor-core TFLOP/s with fp32 accumulation (NVIDIA data sheets), for MFU; the first name contained
-# in the device's name wins. (speed_optimizations_2025.py has the same figures with fp32/tf32 columns.)
-GPU_PEAK_TFLOPS = {"RTX 3060": 25.6, "RTX 4070 Ti": 80.2, "RTX 4090": 165.2, "A100": 312.0, "H100 PCIe": 756.0,
-                   "H100": 989.4, "H200": 989.4}
 # --init_from: defaults for starting from trained weights (flags win; they go before the hardware preset's): a
 # learning rate ~10x below pretraining's, so the updates refine what the model knows instead of overwriting it,
 # and a short warm-up, since the weights are already in a good region.
@@ -780,19 +776,11 @@ def peak_flops(device: torch.device, autocast: torch.dtype | None) -> float | No
     """FLOP/s that MFU divides by: a GPU's spec-sheet BF16 figure, or on a CPU a matmul measured once in the
     training dtype (CPUs differ too much in cores, AVX-512 and bf16 units for a table)."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((tf * 1e12 for gpu, tf in GPU_PEAK_TFLOPS.items() if gpu in name), None)
+        sheet = modern_llm.datasheet_flops(torch.cuda.get_device_name(device))
+        return sheet["bf16"] if sheet else None
     if device.type != "cpu":
         return None
-    n = 1024
-    a = torch.randn(n, n, dtype=autocast or torch.float32)
-    a @ a  # warm-up: library and thread-pool start-up
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+    return modern_llm.measured_matmul_flops(device, autocast or torch.float32)
 
 
 def system_line(device: torch.device) -> str:

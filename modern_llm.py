@@ -24,7 +24,8 @@ import re
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, fields, replace
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -455,7 +456,7 @@ class LLM(nn.Module):
         logits = F.linear(x, self.output_weight) if self.int8_head is None else self.int8_head(x)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -511,6 +512,49 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     head included but not the input embedding lookup; the second term is attention's QK^T and AV products."""
     n = count_params(cfg, embedding=False) + (cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0)
     return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+
+
+# Dense peak TFLOP/s (fp32, tf32, bf16 with fp32 accumulation) from NVIDIA's data sheets, for MFU. The first name
+# contained in the device's name wins, so "H100 PCIe" comes before "H100". Other devices: a measured matmul.
+GPU_PEAK_TFLOPS = {
+    "H100 PCIe": (51.0, 378.0, 756.0),
+    "H100": (67.0, 494.7, 989.4),
+    "H200": (67.0, 494.7, 989.4),
+    "A100": (19.5, 156.0, 312.0),
+    "RTX 4090": (82.6, 82.6, 165.2),
+    "RTX 4080": (48.7, 48.7, 97.5),
+    "RTX 4070 Ti": (40.1, 40.1, 80.2),
+    "RTX 3090": (35.6, 35.6, 71.0),
+    "RTX 3060": (12.7, 12.7, 25.6),
+}
+
+
+def datasheet_flops(device_name: str) -> dict[str, float] | None:
+    """{"fp32", "tf32", "bf16"} -> FLOP/s of a GPU we know by name, else None."""
+    for key, (fp32, tf32, bf16) in GPU_PEAK_TFLOPS.items():
+        if key in device_name:
+            return {"fp32": fp32 * 1e12, "tf32": tf32 * 1e12, "bf16": bf16 * 1e12}
+    return None
+
+
+def measured_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of the best of a few n x n matmuls: the practical peak where no data sheet applies (a CPU's depends
+    on its cores, clock, AVX-512/AMX units and BLAS)."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # first call: library and thread-pool start-up
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
 
 
 def estimate_training_memory(cfg: ModelConfig, batch_size: int, seq_len: int, optimizer: str = "adamw",

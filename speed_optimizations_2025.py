@@ -55,20 +55,6 @@ SEED = 0  # the same weights and tokens for every row
 GPU_DEFAULTS = {"model": "125m", "seq_len": 1024}
 QUICK_DEFAULTS = {"model": "tiny", "batch_size": 4, "seq_len": 64, "warmup_steps": 1, "steps": 3}
 
-# Dense peak TFLOP/s (fp32, tf32, bf16 with fp32 accumulation) from the vendors' data sheets, for MFU. The first
-# name contained in the device's name wins, so "H100 PCIe" comes before "H100". Other GPUs: measured matmul.
-GPU_PEAK_TFLOPS = {
-    "H100 PCIe": (51.0, 378.0, 756.0),
-    "H100": (67.0, 494.7, 989.4),
-    "H200": (67.0, 494.7, 989.4),
-    "A100": (19.5, 156.0, 312.0),
-    "RTX 4090": (82.6, 82.6, 165.2),
-    "RTX 4080": (48.7, 48.7, 97.5),
-    "RTX 4070 Ti": (40.1, 40.1, 80.2),
-    "RTX 3090": (35.6, 35.6, 71.0),
-    "RTX 3060": (12.7, 12.7, 25.6),
-}
-
 
 # -----------------------------------------------------------------------------
 # What a row changes, and the machine it runs on
@@ -512,34 +498,18 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def measured_matmul_flops(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
-    """FLOP/s of the best of a few n x n matmuls: the practical peak of this device in this dtype."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # first call: library and thread-pool start-up
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
 def peak_flops(device: torch.device, quick: bool) -> tuple[dict[str, float], str]:
     """(precision -> FLOP/s, where the figures come from): a GPU's data sheet when we know it, otherwise a
     measured matmul (on CPU there is no one data-sheet figure: it depends on the cores, the clock and the BLAS)."""
     name = device_name(device)
-    if device.type == "cuda":
-        for key, (fp32, tf32_, bf16) in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return {"fp32": fp32 * 1e12, "tf32": tf32_ * 1e12, "bf16": bf16 * 1e12}, f"{key} data sheet (dense)"
+    sheet = ml.datasheet_flops(name) if device.type == "cuda" else None
+    if sheet:
+        return sheet, f"{name} data sheet (dense)"
     n = 1024 if quick else 2048
-    fp32 = measured_matmul_flops(device, torch.float32, n)
+    fp32 = ml.measured_matmul_flops(device, torch.float32, n)
     with Float32Precision("high"):
-        tf32_ = measured_matmul_flops(device, torch.float32, n) if device.type == "cuda" else fp32
-    return ({"fp32": fp32, "tf32": tf32_, "bf16": measured_matmul_flops(device, torch.bfloat16, n)},
+        tf32_ = ml.measured_matmul_flops(device, torch.float32, n) if device.type == "cuda" else fp32
+    return ({"fp32": fp32, "tf32": tf32_, "bf16": ml.measured_matmul_flops(device, torch.bfloat16, n)},
             f"measured {n}x{n} matmul")
 
 
