@@ -185,12 +185,12 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype (None: plain fp32). Weights, gradients and optimizer state stay fp32 either way."""
     if name == "auto":
         if device.type == "cuda":
-            name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+            name = "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
         else:
             name = "bfloat16" if device.type == "cpu" and cpu_has_bf16() else "float32"
-    if name == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if name == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise UserError("this GPU has no bf16: use --dtype=float16 (loss scaling is automatic) or --dtype=float32",
-                        "Configuration")
+                        "bf16 is not supported")
     return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
@@ -605,8 +605,9 @@ def start_processes(device: torch.device, timeout_s: int) -> tuple[torch.device,
                             "Several GPUs")
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
-                            device_id=device if device.type == "cuda" else None)
+    nccl = device.type == "cuda" and dist.is_nccl_available()  # Windows builds have no NCCL: gloo works, slower
+    dist.init_process_group("nccl" if nccl else "gloo", timeout=timedelta(seconds=timeout_s),
+                            device_id=device if nccl else None)
     if world.rank:
         sys.stdout = open(os.devnull, "w")
     return device, world

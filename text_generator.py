@@ -291,7 +291,7 @@ def pick_device(name: str) -> torch.device:
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         return torch.float32  # many CPUs have no fast bf16; NOTES.md shows where bf16 does pay off
     if name not in DTYPES:
         raise UserError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}", "Generation errors")
