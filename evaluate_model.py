@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from modern_llm import UserError, load_model, parse_flags, resolve_checkpoint, run_main, script_constants
-from text_generator import pick_device, pick_dtype
+from modern_llm import UserError, load_model, parse_flags, pick_device, resolve_checkpoint, run_main, script_constants
+from text_generator import pick_dtype
 
 CHECKPOINT = "out"  # checkpoint directory, or a training run's OUT_DIR (meaning its newest checkpoint)
 DATASET = ""  # text file, folder, .jsonl, "builtin" or a Hugging Face dataset name (see README: Data)

@@ -33,7 +33,7 @@ import modern_llm
 import prepare_data
 from modern_llm import (CheckpointError, LLM, UserError, estimate_training_memory,
                         flops_per_token, count_params, is_complete_checkpoint, list_checkpoints, load_state_dict,
-                        load_weights, model_preset, parse_flags, read_config, resolve_checkpoint, run_main,
+                        load_weights, model_preset, parse_flags, pick_device, read_config, resolve_checkpoint, run_main,
                         save_checkpoint, script_constants)
 from muon_optimizer import build_optimizer
 
@@ -135,26 +135,6 @@ def validate(cfg: dict) -> None:
         raise UserError(f"--min_lr ({cfg['min_lr']}) is above --lr ({cfg['lr']})", "Configuration")
     if not 0 < cfg["decay_fraction"] <= 1:
         raise UserError(f"--decay_fraction must be in (0, 1], got {cfg['decay_fraction']}", "Configuration")
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device={name!r} is not a device: use cpu, cuda, cuda:N or mps", "Configuration") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device=cuda, but PyTorch sees no CUDA GPU (a CPU-only build, or no driver): "
-                            "use --device=cpu, or install the CUDA build of PyTorch", "Configuration")
-        if (device.index or 0) >= torch.cuda.device_count():
-            raise UserError(f"--device={name}: there are only {torch.cuda.device_count()} GPUs", "Configuration")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device=mps, but this machine has no Apple GPU backend: use --device=cpu", "Configuration")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"--device={name!r}: only cpu, cuda and mps are supported", "Configuration")
-    return device
 
 
 def choose_preset(name: str, device: torch.device) -> str:

@@ -172,6 +172,27 @@ def print_help(defaults: dict[str, Any], script: str | None, usage: str = "") ->
         print(f"  --{k.lower()}={v!r:<24} {comments.get(k, '')}")
 
 
+def pick_device(name: str) -> torch.device:
+    """`auto` (CUDA, else Apple MPS, else CPU) or a named device that this machine really has."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device={name!r} is not a device: use cpu, cuda, cuda:N or mps", "Configuration") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device=cuda, but PyTorch sees no CUDA GPU (a CPU-only build, or no driver): "
+                            "use --device=cpu, or install the CUDA build of PyTorch", "Configuration")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise UserError(f"--device={name}: there are only {torch.cuda.device_count()} GPUs", "Configuration")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device=mps, but this machine has no Apple GPU backend: use --device=cpu", "Configuration")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device={name!r}: only cpu, cuda and mps are supported", "Configuration")
+    return device
+
+
 # -----------------------------------------------------------------------------
 # Configuration and size presets
 

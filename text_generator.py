@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 import torch
 
 from modern_llm import (CheckpointError, KVCache, UserError, is_int8, load_model, parse_flags, quantize_int8,
-                        resolve_checkpoint, run_main, script_constants)
+                        pick_device, resolve_checkpoint, run_main, script_constants)
 
 CHECKPOINT = "out"  # a checkpoint directory, or a training run's OUT_DIR (its newest checkpoint)
 PROMPT: list = []  # one-shot mode: continue this text and exit (repeatable)
@@ -270,22 +270,6 @@ class RowState:
 
 # -----------------------------------------------------------------------------
 # The engine
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps", "Generation errors") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device={name} but PyTorch sees no CUDA GPU; use --device=cpu", "Generation errors")
-    return device
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
