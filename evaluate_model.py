@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from modern_llm import UserError, load_model, parse_flags, pick_device, resolve_checkpoint, run_main, script_constants
-from text_generator import pick_dtype
+from checkpoint import load_model, resolve_checkpoint
+from cli import UserError, parse_flags, pick_device, pick_dtype, run_main, settings_block
 
 CHECKPOINT = "out"  # checkpoint directory, or a training run's OUT_DIR (meaning its newest checkpoint)
 DATASET = ""  # text file, folder, .jsonl, "builtin" or a Hugging Face dataset name (see README: Data)
@@ -36,6 +36,7 @@ SEQ_LEN = 0  # window length in tokens (0: the model's context length)
 BATCH_SIZE = 8  # windows per forward pass
 DEVICE = "auto"  # auto, cpu, cuda, cuda:1, mps
 DTYPE = "float32"  # float32 (exact figures), bfloat16 or float16 (half the memory on a GPU), auto
+_FLAG_DEFAULTS = settings_block(globals())  # the settings above are the flags
 
 
 def windows(tokens: torch.Tensor, seq_len: int, batch_size: int):
@@ -99,7 +100,7 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, text_field: str = "text",
 
 
 def main(argv: list[str]) -> int:
-    cfg, _ = parse_flags(script_constants(globals()), argv, __file__, usage=__doc__)
+    cfg, _ = parse_flags(_FLAG_DEFAULTS, argv, __file__, usage=__doc__)
     if not cfg["dataset"]:
         raise UserError("say what to evaluate on: --dataset=FILE_OR_NAME", "Evaluation errors")
     if cfg["batch_size"] < 1 or cfg["seq_len"] < 0 or cfg["max_tokens"] < 0:
@@ -107,7 +108,7 @@ def main(argv: list[str]) -> int:
     device = pick_device(cfg["device"])
     m = evaluate_checkpoint(cfg["checkpoint"], cfg["dataset"], cfg["text_field"], cfg["config_name"] or None,
                             cfg["max_tokens"] or None, cfg["seq_len"], cfg["batch_size"], device,
-                            pick_dtype(cfg["dtype"], device))
+                            pick_dtype(cfg["dtype"], device, cpu_bf16=False))
     print(f"loss {m['loss']:.4f}  perplexity {m['perplexity']:.2f}  bits/byte {m['bits_per_byte']:.4f}  "
           f"({m['tokens']:,} tokens predicted, {m['bytes']:,} bytes of text)")
     return 0

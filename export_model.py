@@ -28,8 +28,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from modern_llm import CONFIG_FILE as _CONFIG_FILE, UserError, count_params, is_int8, load_model, \
-    parse_flags, quantize_int8, resolve_checkpoint, run_main, save_int8_checkpoint, script_constants
+from checkpoint import CONFIG_FILE, is_int8, load_model, quantize_int8, resolve_checkpoint, save_int8_checkpoint
+from cli import UserError, parse_flags, run_main, settings_block
+from modern_llm import count_params
 
 CHECKPOINT = "out"  # checkpoint directory, or a training run's OUT_DIR (meaning its newest checkpoint)
 FORMAT = "onnx"  # onnx, int8 or gguf
@@ -39,14 +40,14 @@ KV_CACHE = False  # onnx: also write decoder_with_past.onnx (past keys/values in
 TOLERANCE = 1e-4  # onnx: largest accepted |ONNX Runtime - PyTorch| logit, relative to the largest logit (>= 1)
 INT8_TOLERANCE = 0.05  # int8: warn above this |int8 - fp32| logit error, relative to the largest logit (>= 1)
 GGUF_TYPE = "f16"  # gguf: f16 or f32 for the weight matrices (norms stay f32); llama-quantize goes lower
+_FLAG_DEFAULTS = settings_block(globals())  # the settings above are the flags
 
-# Not flags (a leading _ keeps them out of --help): files copied so an export directory is self-contained, and
-# the names of what is written.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-_CONFIG_FILES = (_CONFIG_FILE, "generation_config.json")
-_ONNX_FILE = "model.onnx"
-_ONNX_PAST_FILE = "decoder_with_past.onnx"
-_PROTOBUF_LIMIT = 2 * 1024**3  # an .onnx file cannot exceed 2 GB: bigger weights go to a .data file beside it
+# Files copied so an export directory is self-contained, and the names of what is written.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+CONFIG_FILES = (CONFIG_FILE, "generation_config.json")
+ONNX_FILE = "model.onnx"
+ONNX_PAST_FILE = "decoder_with_past.onnx"
+PROTOBUF_LIMIT = 2 * 1024**3  # an .onnx file cannot exceed 2 GB: bigger weights go to a .data file beside it
 
 
 # -----------------------------------------------------------------------------
@@ -106,19 +107,19 @@ def export_onnx(model: nn.Module, out_dir: Path, kv_cache: bool) -> None:
     decoder_with_past.onnx. Uses the torch.export-based exporter (onnxscript)."""
     cfg = model.cfg
     batch, seq, past = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
-    external = count_params(cfg) * 4 > _PROTOBUF_LIMIT * 0.9
+    external = count_params(cfg) * 4 > PROTOBUF_LIMIT * 0.9
     ids = torch.zeros(2, 8, dtype=torch.long)
     # The exporter's chatter (skipped torchvision ops, deprecations inside torch) says nothing about this model.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module=r"torch\.|copyreg")
-        torch.onnx.export(model, (ids,), str(out_dir / _ONNX_FILE), input_names=["input_ids"],
+        torch.onnx.export(model, (ids,), str(out_dir / ONNX_FILE), input_names=["input_ids"],
                           output_names=["logits"], dynamic_shapes={"idx": {0: batch, 1: seq}}, dynamo=True,
                           external_data=external, verbose=False)
         if kv_cache:
             n = cfg.n_layer
             torch.onnx.export(DecoderWithPast(model).eval(), (ids, empty_past(cfg, 2, 3)),
-                              str(out_dir / _ONNX_PAST_FILE),
+                              str(out_dir / ONNX_PAST_FILE),
                               input_names=["input_ids"] + past_names(n, "past_key_values"),
                               output_names=["logits"] + past_names(n, "present"),
                               dynamic_shapes={"input_ids": {0: batch, 1: seq},
@@ -140,14 +141,14 @@ def check_onnx(model: nn.Module, out_dir: Path, kv_cache: bool, tolerance: float
     cfg = model.cfg
     gen = torch.Generator().manual_seed(0)
     shapes = [(1, min(5, cfg.max_seq_len)), (3, min(37, cfg.max_seq_len))]
-    session = ort.InferenceSession(str(out_dir / _ONNX_FILE), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(out_dir / ONNX_FILE), providers=["CPUExecutionProvider"])
     worst = 0.0
     with torch.no_grad():
         for shape in shapes:
             ids = torch.randint(0, cfg.vocab_size, shape, generator=gen)
             worst = max(worst, max_error(session.run(None, {"input_ids": ids.numpy()})[0], model(ids)))
         if kv_cache:
-            session = ort.InferenceSession(str(out_dir / _ONNX_PAST_FILE), providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(out_dir / ONNX_PAST_FILE), providers=["CPUExecutionProvider"])
             ids = torch.randint(0, cfg.vocab_size, shapes[1], generator=gen)
             prompt, step = ids[:, :-1], ids[:, -1:]
             feeds = dict(zip(past_names(cfg.n_layer, "past_key_values"), (t.numpy() for t in empty_past(cfg, 3))))
@@ -165,7 +166,7 @@ def check_onnx(model: nn.Module, out_dir: Path, kv_cache: bool, tolerance: float
 def onnx_export(model: nn.Module, checkpoint: Path, out: Path, cfg: dict) -> str:
     out.mkdir()
     export_onnx(model, out, cfg["kv_cache"])
-    copy_files(checkpoint, out, _TOKENIZER_FILES + _CONFIG_FILES)
+    copy_files(checkpoint, out, TOKENIZER_FILES + CONFIG_FILES)
     err = check_onnx(model, out, cfg["kv_cache"], cfg["tolerance"])
     return f"ONNX Runtime matches PyTorch: max logit difference {err:.1e} (relative, tolerance {cfg['tolerance']:g})"
 
@@ -178,12 +179,12 @@ def int8_export(model: nn.Module, checkpoint: Path, out: Path, cfg: dict) -> str
     """An int8 checkpoint directory, loaded back to measure what quantization cost: the logit error against
     the fp32 model and whether the most likely next token is still the same. What stays in floating point (the
     tied embedding, norms, scales) keeps the dtype the checkpoint was saved in."""
-    hf = json.loads((checkpoint / _CONFIG_FILE).read_text(encoding="utf-8"))
+    hf = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(hf.get("torch_dtype") or hf.get("dtype"),
                                                                        torch.float32)
     ids = {"bos_id": hf.get("bos_token_id"), "eos_id": hf.get("eos_token_id"), "pad_id": hf.get("pad_token_id")}
     int8 = quantize_int8(copy.deepcopy(model).to(dtype))
-    save_int8_checkpoint(int8, out, extra=lambda tmp: copy_files(checkpoint, tmp, _TOKENIZER_FILES),
+    save_int8_checkpoint(int8, out, extra=lambda tmp: copy_files(checkpoint, tmp, TOKENIZER_FILES),
                          token_ids=ids)
     int8 = load_model(out, "cpu", torch.float32).eval()
     x = torch.randint(0, model.cfg.vocab_size, (2, min(64, model.cfg.max_seq_len)),
@@ -346,7 +347,7 @@ FORMATS: dict[str, Callable[[nn.Module, Path, Path, dict], str]] = {
 
 
 def main(argv: list[str]) -> int:
-    cfg, _ = parse_flags(script_constants(globals()), argv, __file__, usage=__doc__)
+    cfg, _ = parse_flags(_FLAG_DEFAULTS, argv, __file__, usage=__doc__)
     fmt = cfg["format"].lower()
     if fmt not in FORMATS:
         raise UserError(f"unknown --format={cfg['format']!r}; choose one of {', '.join(FORMATS)}", "Export errors")

@@ -14,28 +14,30 @@ monitoring, then main() with the loop.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
 import signal
-import sys
 import time
-import traceback
-from contextlib import contextmanager, nullcontext
-from datetime import timedelta
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.distributed as dist
 
-import modern_llm
 import prepare_data
-from modern_llm import (CheckpointError, LLM, UserError, estimate_training_memory,
-                        flops_per_token, count_params, is_complete_checkpoint, list_checkpoints, load_state_dict,
-                        load_weights, model_preset, parse_flags, pick_device, read_config, resolve_checkpoint, run_main,
-                        save_checkpoint, script_constants)
+from checkpoint import (CHECKPOINT_PREFIX, list_checkpoints, load_state_dict, load_weights, read_config,
+                        read_quantization, resolve_checkpoint)
+from corpora import looks_like_path
+from cli import UserError, parse_flags, peak_flops, pick_device, pick_dtype, run_main, settings_block
+from distributed import (World, any_process, from_rank0, gradient_sync, mean_over_processes, rank0_first, replicate,
+                         run_torchrun, shard, start_processes)
+from modern_llm import LLM, count_params, estimate_training_memory, flops_per_token, model_preset
+from monitor import GiB, Monitor
 from muon_optimizer import build_optimizer
+from training_state import (check_same_model, find_resume, prune_checkpoints, restore, save_final_model,
+                            save_training_checkpoint, trainer_state)
 
 # -----------------------------------------------------------------------------
 # Settings (each is a flag: --max_steps=500); a hardware preset fills in the ones not given
@@ -80,12 +82,13 @@ PARALLEL = "auto"  # under torchrun: ddp (a whole model per GPU), fsdp (FSDP2 sh
 DIST_TIMEOUT = 600  # under torchrun: seconds a process waits for the others before it stops with an error
 LOG_INTERVAL = 50  # print a CPU/RAM/GPU line every N steps
 MAX_BAD_STEPS = 3  # NaN/inf losses in a row that are skipped before the run stops at its last checkpoint
-_FLAG_DEFAULTS = script_constants(globals())  # taken here: the tables below are not flags
+_FLAG_DEFAULTS = settings_block(globals())  # the settings above are the flags; the tables below are not
 
+# -----------------------------------------------------------------------------
 # Hardware presets: the settings each fills in (explicit flags win), and the memory it is sized for (GiB).
 # The training memory each needs is predicted with modern_llm.estimate_training_memory before anything runs.
 HARDWARE = {
-    # compile off: on our 2-core CPU it gains ~9% (NOTES.md) but costs ~30 s cold, a wash in a 6-minute run
+    # compile off: on a 2-core CPU it gains ~9% but costs ~30 s cold, a wash in a 6-minute run
     "cpu": dict(memory_gib=None, model="small", batch_size=8, grad_accum=1, seq_len=256, lr=2e-3, min_lr=2e-4,
                 warmup_steps=30, max_steps=0, max_minutes=6.0, compile=False, eval_interval=100, eval_steps=10,
                 checkpoint_interval=100, log_interval=100),
@@ -103,14 +106,12 @@ HARDWARE = {
 # learning rate ~10x below pretraining's, so the updates refine what the model knows instead of overwriting it,
 # and a short warm-up, since the weights are already in a good region.
 FINETUNE = dict(lr=5e-5, min_lr=5e-6, warmup_steps=20)
-TRAINING_STATE = "training_state.pt"  # optimizer, GradScaler and RNG states, beside a checkpoint's weights
 # settings a resumed run does not take from the saved run (checkpoints are the same for any parallelism)
 NOT_INHERITED = ("resume", "out_dir", "stop_after", "parallel")
-FAULT_ENV = "TRAIN_FAULT"  # tests only: "exit" or "hang" makes the last torchrun rank do so at step 2
-GiB = 2**30
+
 
 # -----------------------------------------------------------------------------
-# Setup: flags, device, precision, memory
+# Settings: checks, presets, memory, resuming
 
 
 def validate(cfg: dict) -> None:
@@ -154,26 +155,6 @@ def apply_preset(cfg: dict, given: set[str], preset: str) -> None:
             cfg[name] = value
 
 
-def cpu_has_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls run at ~2-4x fp32 (NOTES.md: 2.7x training speed here); without them
-    bf16 is emulated and slower than fp32. (torch.cpu's probes are private, so absent ones count as no.)"""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
-
-
-def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None: plain fp32). Weights, gradients and optimizer state stay fp32 either way."""
-    if name == "auto":
-        if device.type == "cuda":
-            name = "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
-        else:
-            name = "bfloat16" if device.type == "cpu" and cpu_has_bf16() else "float32"
-    if name == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        raise UserError("this GPU has no bf16: use --dtype=float16 (loss scaling is automatic) or --dtype=float32",
-                        "bf16 is not supported")
-    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 def memory_budget(device: torch.device, preset: str) -> tuple[int, str]:
     """Bytes a run may use: the GPU's memory (capped at the preset's, less ~0.5 GiB of CUDA context), or RAM."""
     if device.type == "cuda":
@@ -188,14 +169,14 @@ def memory_budget(device: torch.device, preset: str) -> tuple[int, str]:
     return psutil.virtual_memory().total, "this machine's RAM"
 
 
-def plan_memory(cfg: dict, given: set[str], model_cfg, device: torch.device, preset: str,
-                autocast: torch.dtype | None, world: World) -> None:
+def plan_memory(cfg: dict, fixed: set[str], model_cfg, device: torch.device, preset: str,
+                dtype: torch.dtype | None, world: World) -> None:
     """Print the predicted peak memory; under torchrun pick DDP, or FSDP where only sharding makes it fit; turn
     activation checkpointing on where that is what makes the run fit (unless the user said no); refuse, naming
     the knobs, a run that cannot fit."""
     def predict(checkpointing: bool) -> dict:
         return estimate_training_memory(model_cfg, cfg["batch_size"], cfg["seq_len"], cfg["optimizer"],
-                                        checkpointing, autocast is not None, world.size, cfg["parallel"] == "fsdp")
+                                        checkpointing, dtype not in (None, torch.float32), world.size, cfg["parallel"] == "fsdp")
 
     budget, where = memory_budget(device, preset)
     if device.type == "cpu" and world.local_size > 1:  # the processes on one machine share its RAM
@@ -206,11 +187,11 @@ def plan_memory(cfg: dict, given: set[str], model_cfg, device: torch.device, pre
             cfg["parallel"] = "fsdp"
     if world.size > 1:
         print(f"{world.size} processes, {cfg['parallel']}")
-        if cfg["parallel"] == "fsdp" and autocast == torch.float16:
+        if cfg["parallel"] == "fsdp" and dtype == torch.float16:
             raise UserError("--parallel=fsdp trains in bf16 or fp32, not fp16: use --dtype=bfloat16 (or float32), "
                             "or --parallel=ddp", "Several GPUs")
     need = predict(cfg["activation_checkpointing"])
-    if (need["total"] > budget and not cfg["activation_checkpointing"] and "activation_checkpointing" not in given
+    if (need["total"] > budget and not cfg["activation_checkpointing"] and "activation_checkpointing" not in fixed
             and predict(True)["total"] <= budget):
         print(f"activation checkpointing on: without it the run needs {need['total'] / GiB:.1f} GiB")
         cfg["activation_checkpointing"] = True
@@ -224,47 +205,11 @@ def plan_memory(cfg: dict, given: set[str], model_cfg, device: torch.device, pre
                         "Out of memory")
 
 
-def find_resume(cfg: dict) -> Path | None:
-    """The checkpoint to continue from, or None for a fresh run. A fresh run never overwrites another run."""
-    out = Path(cfg["out_dir"])
-    existing = list_checkpoints(out) if out.is_dir() else []
-    if cfg["resume"] == "auto":
-        return existing[-1] if existing else None
-    if cfg["resume"]:
-        found = list_checkpoints(cfg["resume"]) if Path(cfg["resume"]).is_dir() else []
-        path = found[-1] if found else resolve_checkpoint(cfg["resume"])
-        if not (path / TRAINING_STATE).is_file() or not (path / modern_llm.STATE_FILE).is_file():
-            raise UserError(f"--resume={cfg['resume']}: {path} holds no training state ({TRAINING_STATE}); only "
-                            "checkpoints written by this script can be resumed", "Resuming a run")
-        return path
-    if existing or is_complete_checkpoint(out):
-        raise UserError(f"{out} already holds a training run: continue it with --resume=auto, or start a new one "
-                        "with another --out_dir", "Resuming a run")
-    return None
-
-
-def trainer_state(path: Path) -> dict:
-    try:
-        return json.loads((path / modern_llm.STATE_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path / modern_llm.STATE_FILE} is unreadable ({e})") from None
-
-
-def check_same_model(path: Path, model_cfg) -> None:
-    saved = read_config(path)
-    if saved != model_cfg:
-        def shape(c):
-            return f"{c.n_layer} layers, d_model {c.d_model}, {c.n_head}/{c.n_kv_head} heads, vocab {c.vocab_size}"
-        raise UserError(f"--resume: {path} holds another model ({shape(saved)}) than this run builds "
-                        f"({shape(model_cfg)}): resume with that run's --model and tokenizer, or start a new run "
-                        "in another --out_dir", "Resuming a run")
-
-
 # -----------------------------------------------------------------------------
 # Starting from a pretrained model (--init_from) and chat fine-tuning (--task=sft)
 
 
-def finetune_defaults(cfg: dict, given: set[str], typed: set[str]) -> None:
+def finetune_defaults(cfg: dict, fixed: set[str], typed: set[str]) -> None:
     """--init_from: FINETUNE's settings where no flag (or resumed run) set them. The model's shape comes from the
     checkpoint, so a --model flag beside it is a mistake rather than something to ignore silently."""
     if not cfg["init_from"]:
@@ -273,20 +218,20 @@ def finetune_defaults(cfg: dict, given: set[str], typed: set[str]) -> None:
         raise UserError("--model and --init_from both given: with --init_from the model's shape comes from that "
                         "checkpoint; drop --model", "Fine-tuning")
     for name, value in FINETUNE.items():
-        if name not in given:
+        if name not in fixed:
             cfg[name] = value
-            given.add(name)
+            fixed.add(name)
 
 
 def resolve_init_from(name: str) -> Path:
     """A local Llama folder or an earlier run's OUT_DIR (its newest checkpoint), else a hub model downloaded once
     into the Hugging Face cache (config, safetensors and tokenizer files only)."""
     path = Path(name).expanduser()
-    if not path.exists() and not prepare_data.looks_like_path(name):
+    if not path.exists() and not looks_like_path(name):
         path = download_model(name)
     path = resolve_checkpoint(path)
     read_config(path)  # refuses, naming the field, what our model cannot represent: before any work on data
-    if modern_llm.read_quantization(path):
+    if read_quantization(path):
         raise UserError(f"--init_from={name}: an int8 checkpoint cannot be trained; start from the floating-point "
                         "one it was exported from", "Fine-tuning")
     return path
@@ -475,402 +420,7 @@ def sample(model: LLM, tokenizer, start_id: int, tokens: int, autocast, device, 
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: Hugging Face directories plus the training state
-
-
-def remove_dir(path: Path) -> None:
-    """Rename first, then delete: a kill mid-way leaves a hidden leftover, never a half-deleted checkpoint."""
-    trash = path.with_name(f".{path.name}.deleting")
-    os.replace(path, trash)
-    shutil.rmtree(trash)
-
-
-def save_training_checkpoint(out: Path, step: int, model: LLM, optimizer, scaler, tokenizer, record: dict,
-                             token_ids: dict) -> Path:
-    """OUT_DIR/checkpoint-<step>: weights, config and tokenizer (loadable by transformers as it is), plus
-    trainer_state.json and the optimizer, GradScaler and RNG states, everything written atomically.
-    Under torchrun every process calls this (FSDP2 gathers the shards) and rank 0 writes, once."""
-    optimizer_state = whole_optimizer_state(model, optimizer)
-    whole = whole_model(model)
-
-    def extra(tmp: Path) -> None:
-        tokenizer.save_pretrained(str(tmp))
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save({"optimizer": optimizer_state, "scaler": scaler.state_dict(), "rng": rng}, tmp / TRAINING_STATE)
-        (tmp / modern_llm.STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-
-    path = out / f"{modern_llm.CHECKPOINT_PREFIX}{step}"
-    if whole is not None:
-        if path.exists():  # only when resuming from an older checkpoint of the same run
-            remove_dir(path)
-        save_checkpoint(whole, path, extra=extra, token_ids=token_ids)
-    wait_for_rank0()  # no process goes on (or resumes) before the files are there
-    return path
-
-
-def save_final_model(out: Path, model: LLM, tokenizer, token_ids: dict, step: int, best: float | None) -> None:
-    """The final model at OUT_DIR itself, as the Hugging Face Trainer leaves it: from_pretrained(OUT_DIR) works."""
-    def extra(tmp: Path) -> None:
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / modern_llm.STATE_FILE).write_text(json.dumps({"global_step": step, "best_val_loss": best}) + "\n")
-
-    whole = whole_model(model)
-    if whole is not None:
-        save_checkpoint(whole, out, extra=extra, token_ids=token_ids)
-    wait_for_rank0()
-
-
-def prune_checkpoints(out: Path, keep: int) -> None:
-    """Keep the newest `keep` checkpoints and the best by validation loss (trainer_state.json's val_loss)."""
-    found = list_checkpoints(out)
-    scored = [(trainer_state(p).get("val_loss"), p) for p in found]
-    scored = [(v, p) for v, p in scored if v is not None and math.isfinite(v)]
-    best = min(scored, key=lambda vp: vp[0])[1] if scored else None
-    for p in found[:-keep]:
-        if p != best:
-            remove_dir(p)
-
-
-def restore(path: Path, model: LLM, optimizer, scaler) -> None:
-    """Optimizer, GradScaler and RNG states of a checkpoint (weights_only: no code is unpickled); the weights
-    were loaded before the model was split across processes. The optimizer state is keyed by parameter name,
-    so it loads into any number of processes, each FSDP2 process taking its shard."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    try:
-        state = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True)
-        parts = optimizer_parts(optimizer)
-        if set(state["optimizer"]) != set(parts):
-            raise ValueError(f"it holds the state of {' + '.join(state['optimizer'])}, this run uses "
-                             f"{' + '.join(parts)}")
-        for name, part in parts.items():
-            set_optimizer_state_dict(model, part, state["optimizer"][name],
-                                     options=StateDictOptions(full_state_dict=True))
-        scaler.load_state_dict(state["scaler"])
-    except (OSError, RuntimeError, KeyError, ValueError) as e:
-        raise UserError(f"--resume: {path / TRAINING_STATE} does not load into this run's optimizer "
-                        f"({str(e).splitlines()[0]}): resume with that run's --optimizer", "Resuming a run") from None
-    torch.set_rng_state(state["rng"]["torch"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-
-
-# -----------------------------------------------------------------------------
-# Several processes: torchrun, DDP and FSDP2
-
-
-class World:
-    """This process's place in a torchrun job: rank 0 of 1 without torchrun."""
-
-    def __init__(self, rank: int = 0, local_rank: int = 0, size: int = 1, local_size: int = 1):
-        self.rank, self.local_rank, self.size, self.local_size = rank, local_rank, size, local_size
-
-
-def start_processes(device: torch.device, timeout_s: int) -> tuple[torch.device, World]:
-    """Under torchrun (RANK and WORLD_SIZE in the environment): one GPU per process (LOCAL_RANK), the process
-    group (NCCL on GPUs, gloo on CPUs) whose collectives give up after `timeout_s`, and stdout silenced on every
-    rank but 0, so the run prints once (errors, on stderr, still show from any rank). Else: nothing."""
-    env = os.environ
-    if int(env.get("WORLD_SIZE", 1)) == 1:
-        return device, World()
-    world = World(int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_WORLD_SIZE"]))
-    if device.type == "mps":
-        raise UserError("torchrun needs CUDA GPUs or CPUs; Apple GPUs train in one process", "Several GPUs")
-    if device.type == "cuda":
-        if world.local_rank >= torch.cuda.device_count():
-            raise UserError(f"torchrun started {world.local_size} processes on this machine but it has "
-                            f"{torch.cuda.device_count()} GPUs: use --nproc_per_node={torch.cuda.device_count()}",
-                            "Several GPUs")
-        device = torch.device("cuda", world.local_rank)
-        torch.cuda.set_device(device)
-    nccl = device.type == "cuda" and dist.is_nccl_available()  # Windows builds have no NCCL: gloo works, slower
-    dist.init_process_group("nccl" if nccl else "gloo", timeout=timedelta(seconds=timeout_s),
-                            device_id=device if nccl else None)
-    if world.rank:
-        sys.stdout = open(os.devnull, "w")
-    return device, world
-
-
-def in_turn(world: World, work):
-    """work() on rank 0 first, then on the first process of each other machine, then on the rest: the data is
-    prepared once (or once per machine when they do not share the folder) and then reused, never written by
-    two processes at once."""
-    turn = 0 if world.rank == 0 else 1 if world.local_rank == 0 else 2
-    result = None
-    for t in range(3 if world.size > 1 else 1):
-        if t == turn:
-            result = work()
-        wait_for_rank0()
-    return result
-
-
-def parallelize(model: LLM, cfg: dict, world: World, device: torch.device, autocast: torch.dtype | None):
-    """The module to train. DDP: a whole model per process, gradients averaged during backward. FSDP2: each
-    block's weights, gradients and optimizer state split across the processes and gathered block by block for
-    its forward and backward (in bf16, gradients reduced in fp32, when training in bf16); `model` itself becomes
-    the sharded model, so build the optimizer after this."""
-    if world.size > 1 and cfg["parallel"] == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        policy = MixedPrecisionPolicy(param_dtype=autocast, reduce_dtype=torch.float32)
-        for block in model.model.layers:
-            fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)  # the rest: embedding (tied head) and final norm
-    train_model = compile_model(model, cfg, device)
-    if world.size > 1 and cfg["parallel"] == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        gpu = [device.index] if device.type == "cuda" else None
-        train_model = DistributedDataParallel(train_model, device_ids=gpu)
-    return train_model
-
-
-def gradient_sync(model, on: bool):
-    """Averaging the gradients across processes only on the last micro-batch of a step: accumulation
-    micro-steps would send the same sum piece by piece (DDP's no_sync, FSDP2's set_requires_gradient_sync)."""
-    if hasattr(model, "no_sync"):
-        return nullcontext() if on else model.no_sync()
-    sharded = getattr(model, "_orig_mod", model)
-    if hasattr(sharded, "set_requires_gradient_sync"):
-        sharded.set_requires_gradient_sync(on)
-    return nullcontext()
-
-
-def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
-    """The mean of x over all processes (x itself in one): losses are measured on each process's own rows."""
-    if not dist.is_initialized():
-        return x
-    x = x.detach().clone()
-    dist.all_reduce(x)  # a sum: gloo has no average
-    return x / dist.get_world_size()
-
-
-def any_process(flag: bool, device: torch.device) -> bool:
-    """True on every process if it is on any: a Ctrl-C that reaches the processes at different steps must
-    stop them all at the same one, or the ones still training would wait for the others forever."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor(int(flag), device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def from_rank0(value: int | None, device: torch.device) -> int | None:
-    """Rank 0's value on every process (a run length each process would plan from its own clock)."""
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor(-1 if value is None else value, device=device)
-    dist.broadcast(t, 0)
-    return None if t.item() < 0 else int(t.item())
-
-
-def wait_for_rank0() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def optimizer_parts(optimizer) -> dict:
-    """The torch optimizers inside ours by name (Muon+AdamW has two); a checkpoint stores each one's state."""
-    return {"muon": optimizer.muon, "adamw": optimizer.adamw} if hasattr(optimizer, "muon") else {"adamw": optimizer}
-
-
-def resharded(model: LLM) -> bool:
-    """Whether FSDP2 shards the model; if so its weights are put back in shards, as the optimizer knows them (an
-    evaluation, with no backward, leaves the root's embedding and norm gathered)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if isinstance(model, FSDPModule):
-        model.reshard()
-    return isinstance(model, FSDPModule)
-
-
-def whole_model(model: LLM) -> LLM | None:
-    """The model to save, on rank 0 (None on the others): the model itself, or under FSDP2 a CPU copy gathered
-    from the shards (every process must call this: gathering is collective)."""
-    if not resharded(model):
-        return model if not dist.is_initialized() or dist.get_rank() == 0 else None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not weights:
-        return None
-    with torch.device("meta"):
-        whole = LLM(model.cfg)
-    whole.load_state_dict(weights, assign=True)  # takes the gathered tensors as they are: no second copy
-    return whole
-
-
-def whole_optimizer_state(model: LLM, optimizer) -> dict:
-    """Each part's state keyed by parameter name, on the CPU, whole (gathered from the shards under FSDP2): the
-    same file for any number of processes, so a run resumes on another number. Empty on ranks other than 0."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    resharded(model)
-    return {name: get_optimizer_state_dict(model, part, options=options)
-            for name, part in optimizer_parts(optimizer).items()}
-
-
-def simulate_fault(world: World, step: int, stop: list) -> None:
-    """Tests only ($TRAIN_FAULT): at step 2 the last rank dies ("exit"), or stops answering ("hang") until
-    torchrun's SIGTERM, as a crashed or stuck GPU would; the others must then stop with a clear error."""
-    fault = os.environ.get(FAULT_ENV)
-    if fault not in ("exit", "hang") or world.size == 1 or world.rank != world.size - 1 or step != 2:
-        return
-    while fault == "hang" and not stop:
-        time.sleep(0.1)
-    os._exit(1)
-
-
-def run_torchrun(main) -> None:
-    """run_main for one process of a torchrun job, ending it the way that is reliable with gloo (NOTES.md):
-    after a good run every process meets the others, closes the process group and leaves with os._exit, which
-    skips an interpreter exit that aborts 1 time in 3-4. A process that lost the others (one died, or did not
-    answer within --dist_timeout) says so in one line; torchrun then stops the rest and exits non-zero."""
-    code = 1
-    try:
-        run_main(main)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    except BaseException as e:  # a lost process: NCCL raises a DistError, gloo a RuntimeError naming gloo
-        if isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and "gloo" in str(e)):
-            print(f"error: rank {os.environ['RANK']} lost the other processes (one stopped, or did not answer "
-                  f"within --dist_timeout): {str(e).splitlines()[0]} (see README: torchrun hangs or stops)",
-                  file=sys.stderr)
-        else:
-            traceback.print_exc()
-    if code == 0 and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-# -----------------------------------------------------------------------------
-# Monitoring
-
-
-def peak_flops(device: torch.device, autocast: torch.dtype | None) -> float | None:
-    """FLOP/s that MFU divides by: a GPU's spec-sheet BF16 figure, or on a CPU a matmul measured once in the
-    training dtype (CPUs differ too much in cores, AVX-512 and bf16 units for a table)."""
-    if device.type == "cuda":
-        sheet = modern_llm.datasheet_flops(torch.cuda.get_device_name(device))
-        return sheet["bf16"] if sheet else None
-    if device.type != "cpu":
-        return None
-    return modern_llm.measured_matmul_flops(device, autocast or torch.float32)
-
-
-def system_line(device: torch.device) -> str:
-    """CPU and RAM (psutil), and on NVIDIA GPUs utilisation, temperature and power (nvidia-ml-py)."""
-    import psutil
-
-    vm = psutil.virtual_memory()
-    parts = [f"cpu {psutil.cpu_percent():.0f}%", f"ram {vm.used / GiB:.1f}/{vm.total / GiB:.1f} GiB",
-             f"process {psutil.Process().memory_info().rss / GiB:.2f} GiB"]
-    if device.type == "cuda":
-        try:
-            import pynvml
-        except ImportError:
-            return " | ".join(parts + ["GPU figures need: pip install nvidia-ml-py"])
-        try:
-            pynvml.nvmlInit()
-            h = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-            parts.append(f"gpu {pynvml.nvmlDeviceGetUtilizationRates(h).gpu}% "
-                         f"{pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU)}C "
-                         f"{pynvml.nvmlDeviceGetPowerUsage(h) / 1000:.0f} W")
-        except pynvml.NVMLError as e:
-            parts.append(f"gpu figures unavailable ({e})")
-    return " | ".join(parts)
-
-
-def memory_in_use(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / GiB:.1f}G"
-    import psutil
-
-    return f"{psutil.Process().memory_info().rss / GiB:.1f}G rss"
-
-
-class Monitor:
-    """Where the figures go: OUT_DIR/metrics.jsonl (a line per step and per evaluation), loss.png (redrawn at
-    each evaluation), TensorBoard when installed, and the tqdm bar. A resumed run keeps the lines up to its
-    step and drops those of the steps it will redo."""
-
-    def __init__(self, out: Path, start_step: int, total: int | None, enabled: bool = True):
-        from tqdm import tqdm
-
-        self.path, self.png = out / "metrics.jsonl", out / "loss.png"
-        self.history, self.file, self.tb = [], None, None
-        self.bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True, disable=not enabled)
-        if not enabled:  # under torchrun only rank 0 writes and draws
-            return
-        if start_step and self.path.is_file():
-            lines = self.path.read_text().splitlines()
-            self.history = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= start_step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-        os.replace(tmp, self.path)
-        self.file = open(self.path, "a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-        except ImportError:  # TensorBoard is optional: pip install tensorboard
-            self.tb = None
-
-    def evaluation(self, step: int, result: dict, text: str) -> None:
-        self.log({"step": step, **result})
-        self.plot()
-        self.bar.write(f"step {step}: val loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.1f}, "
-                       f"{result['val_bpb']:.3f} bits/byte | {text!r}")
-
-    def train_step(self, record: dict, device: torch.device, log_interval: int) -> None:
-        self.log(record)
-        self.bar.update()
-        mfu = f"{record['mfu']:.1%}" if record["mfu"] else "n/a"
-        self.bar.set_postfix_str(f"loss {record['loss']:.3f} lr {record['lr']:.2e} {record['tokens_per_s']:,.0f} "
-                                 f"tok/s mfu {mfu} mem {memory_in_use(device)}")
-        if record["step"] % log_interval == 0:
-            self.bar.write(f"step {record['step']}: {system_line(device)}")
-
-    def log(self, record: dict) -> None:
-        self.history.append(record)
-        if self.file is None:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["step"])
-
-    def plot(self) -> None:
-        if self.file is None:
-            return
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(8, 4.5))
-        ax = fig.subplots()
-        for key, style, label in (("loss", "-", "train"), ("val_loss", "o-", "validation")):
-            points = [(r["step"], r[key]) for r in self.history if key in r]
-            if points:
-                ax.plot(*zip(*points), style, lw=1, label=label)
-        ax.set(xlabel="step", ylabel="loss (nats per token)", title="training loss")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        tmp = self.png.with_name(".loss.tmp.png")
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, self.png)
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.file:
-            self.file.close()
-        if self.tb:
-            self.tb.close()
+# Stopping on a signal
 
 
 @contextmanager
@@ -893,61 +443,103 @@ def stop_requests():
 
 
 # -----------------------------------------------------------------------------
-# main
+# Setup, in the order main() runs it
 
 
-def main(argv: list[str]) -> int:
-    cfg, given = parse_flags(_FLAG_DEFAULTS, argv, __file__, usage=__doc__)
-    typed = set(given)
+def settle_settings(cfg: dict, typed: set[str]) -> tuple[Path | None, dict, set[str]]:
+    """The run's settings, all checked before anything is read or written. Returns the checkpoint to resume (or
+    None), its trainer state, and the names a hardware preset must not fill in: those typed on the command
+    line, those a resumed run keeps from its own settings, and the fine-tuning defaults of --init_from."""
     resume = find_resume(cfg)
     saved = trainer_state(resume) if resume else {}
+    fixed = set(typed)
     for name, value in saved.get("config", {}).items():  # a resumed run keeps its settings unless given again
-        if name in cfg and name not in given and name not in NOT_INHERITED:
+        if name in cfg and name not in typed and name not in NOT_INHERITED:
             cfg[name] = value
-            given.add(name)
+            fixed.add(name)
     if cfg["preset"] not in ("auto", *HARDWARE):
         raise UserError(f"--preset={cfg['preset']!r} is not one of: auto, {', '.join(HARDWARE)}", "Hardware presets")
-    device = pick_device(cfg["device"])
-    preset = choose_preset(cfg["preset"], device)
-    finetune_defaults(cfg, given, typed)
-    apply_preset(cfg, given, preset)
-    validate(cfg)
-    autocast_to = autocast_dtype(cfg["dtype"], device)
-    device, world = start_processes(device, cfg["dist_timeout"])
+    finetune_defaults(cfg, fixed, typed)
+    return resume, saved, fixed
 
-    # Data and model shape; everything is checked before OUT_DIR is touched
+
+def load_data(cfg: dict, world: World, init: Path | None) -> tuple[dict, Any, Any, Any]:
+    """The prepared token shards (tokenized once, by rank 0 first), their meta, both loaders and the tokenizer."""
+    data_dir = rank0_first(world, lambda: prepare_dataset(cfg, init))
+    meta = prepare_data.load_meta(data_dir)
+    loaders = [prepare_data.batch_loader(data_dir, split, cfg["batch_size"], cfg["seq_len"], cfg["seed"],
+                                         world.rank, world.size) for split in ("train", "val")]
+    return meta, *loaders, prepare_data.load_tokenizer(meta["tokenizer_dir"])
+
+
+def wrap_for_training(model: LLM, cfg: dict, world: World, device: torch.device, dtype: torch.dtype):
+    """The module to train: FSDP2 shards (in place, so build the optimizer after this), then compiled, then
+    DDP's whole-model replica. The unwrapped `model` stays the one evaluated, sampled and saved."""
+    if world.size > 1 and cfg["parallel"] == "fsdp":
+        shard(model, dtype if dtype != torch.float32 else None)
+    train_model = compile_model(model, cfg, device)
+    if world.size > 1 and cfg["parallel"] == "ddp":
+        train_model = replicate(train_model, device)
+    return train_model
+
+
+@dataclass
+class Run:
+    """What the loop needs, built once by setup()."""
+
+    cfg: dict
+    device: torch.device
+    world: World
+    out: Path
+    model: LLM  # evaluated, sampled and saved
+    train_model: torch.nn.Module  # the same weights, compiled and/or wrapped by DDP: what trains
+    optimizer: Any
+    scaler: torch.amp.GradScaler
+    autocast: Any  # the autocast context (disabled in fp32)
+    train_data: Any
+    val_data: Any
+    tokenizer: Any
+    token_ids: dict
+    start_step: int
+    max_steps: int | None  # None: a time budget whose length is not measured yet
+    best: float | None  # best validation loss so far
+    last_saved: Path | None
+    tokens_per_step: int
+    global_batch: int
+    flops_per_step: float
+    peak_flops: float | None
+    bytes_per_token: float
+
+
+def setup(cfg: dict, fixed: set[str], typed: set[str], resume: Path | None, saved: dict, device: torch.device,
+          world: World, preset: str, dtype: torch.dtype) -> Run:
+    """Data, model shape and memory plan (all checked before OUT_DIR is touched), then the model, its weights
+    (initial, --init_from's or the resumed run's), the optimizer and the state a resumed run continues from."""
     init = resolve_init_from(cfg["init_from"]) if cfg["init_from"] else None
     init_state = load_state_dict(init) if init and not resume else None  # a missing shard stops us here
-    data_dir = in_turn(world, lambda: prepare_dataset(cfg, init))
-    meta = prepare_data.load_meta(data_dir)
+    meta, train_data, val_data, tokenizer = load_data(cfg, world, init)
     model_cfg = pretrained_config(init, meta) if init else model_preset(cfg["model"], vocab_size=meta["vocab_size"])
     if cfg["seq_len"] > model_cfg.max_seq_len:
         raise UserError(f"--seq_len={cfg['seq_len']} is above the {cfg['init_from'] or cfg['model']} model's "
-                        "maximum of "
-                        f"{model_cfg.max_seq_len}", "Configuration")
+                        f"maximum of {model_cfg.max_seq_len}", "Configuration")
     if resume:
         check_same_model(resume, model_cfg)
-    train_data = prepare_data.batch_loader(data_dir, "train", cfg["batch_size"], cfg["seq_len"], cfg["seed"],
-                                           world.rank, world.size)
-    val_data = prepare_data.batch_loader(data_dir, "val", cfg["batch_size"], cfg["seq_len"], cfg["seed"], world.rank,
-                                         world.size)
-    tokenizer = prepare_data.load_tokenizer(meta["tokenizer_dir"])
-    plan_memory(cfg, given, model_cfg, device, preset, autocast_to, world)
+    plan_memory(cfg, fixed, model_cfg, device, preset, dtype, world)
 
     if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
         torch.backends.cuda.matmul.allow_tf32 = True  # Ampere+: fp32 matmuls on tensor cores, ~10 mantissa bits
         torch.backends.cudnn.allow_tf32 = True
     out = Path(cfg["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    for leftover in out.glob(f".{modern_llm.CHECKPOINT_PREFIX}*"):  # half-written or half-deleted by a killed run
+    for leftover in out.glob(f".{CHECKPOINT_PREFIX}*"):  # half-written or half-deleted by a killed run
         shutil.rmtree(leftover, ignore_errors=True)
     model = build_model(model_cfg, device, cfg, init_state)
     del init_state  # the model holds the weights now
     if resume:
         load_weights(model, load_state_dict(resume), str(resume))  # before the model is split across processes
-    train_model = parallelize(model, cfg, world, device, autocast_to)
+    train_model = wrap_for_training(model, cfg, world, device, dtype)
     optimizer = build_optimizer(model, cfg["optimizer"], lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_to == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_step, max_steps = 0, None if cfg["max_minutes"] else cfg["max_steps"]
     if resume:
         restore(resume, model, optimizer, scaler)
@@ -957,114 +549,182 @@ def main(argv: list[str]) -> int:
         elif "max_minutes" not in typed:
             max_steps = saved.get("max_steps")
         print(f"resuming from {resume} at step {start_step}")
-    autocast = torch.autocast(device.type, dtype=autocast_to or torch.float32, enabled=autocast_to is not None)
-    token_ids = {"bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id}
+
     global_batch = cfg["batch_size"] * cfg["grad_accum"] * world.size  # sequences per optimizer step
     tokens_per_step = global_batch * cfg["seq_len"]
     if saved.get("global_batch", global_batch) != global_batch:  # e.g. resumed on another number of GPUs
         print(f"note: the global batch was {saved['global_batch']} sequences and is now {global_batch}: to keep it, "
               "give --batch_size or --grad_accum (see README: Several GPUs)")
-    flops_per_step = flops_per_token(model_cfg, cfg["seq_len"]) * tokens_per_step
-    peak = peak_flops(device, autocast_to)  # of one GPU (or CPU process): MFU divides by all of them
-    # chat data: bytes per token the loss is on (the assistant's)
-    bytes_per_token = (meta.get("val_target_bytes", meta["val_bytes"])
-                       / meta.get("val_target_tokens", meta["val_tokens"]))
+    precision = "bf16" if dtype != torch.float32 else "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+    peak = peak_flops(device, precision)[0] if device.type in ("cuda", "cpu") else None  # of one GPU or process
+    run = Run(cfg=cfg, device=device, world=world, out=out, model=model, train_model=train_model,
+              optimizer=optimizer, scaler=scaler,
+              autocast=torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32),
+              train_data=train_data, val_data=val_data, tokenizer=tokenizer,
+              token_ids={"bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id,
+                         "pad_id": tokenizer.pad_token_id},
+              start_step=start_step, max_steps=max_steps, best=saved.get("best_val_loss"), last_saved=resume,
+              tokens_per_step=tokens_per_step, global_batch=global_batch,
+              flops_per_step=flops_per_token(model_cfg, cfg["seq_len"]) * tokens_per_step, peak_flops=peak,
+              # chat data: bytes per token the loss is on (the assistant's)
+              bytes_per_token=(meta.get("val_target_bytes", meta["val_bytes"])
+                               / meta.get("val_target_tokens", meta["val_tokens"])))
     print(f"{cfg['init_from'] or cfg['model']} model, {count_params(model_cfg) / 1e6:.1f}M parameters | "
-          f"preset {preset} | {device} "
-          f"{str(autocast_to or torch.float32).removeprefix('torch.')} | {cfg['optimizer']} | compile "
+          f"preset {preset} | {device} {str(dtype).removeprefix('torch.')} | {cfg['optimizer']} | compile "
           f"{getattr(train_model, 'module', train_model) is not model} | "
           f"activation checkpointing {cfg['activation_checkpointing']} | "
           f"{tokens_per_step:,} tokens/step (global batch {global_batch} = micro-batch {cfg['batch_size']} x "
           f"accumulation {cfg['grad_accum']} x {world.size} processes, of {cfg['seq_len']} tokens) | "
-          f"data {data_dir}")
+          f"data {meta['data_dir']}")
+    return run
 
-    monitor = Monitor(out, start_step, max_steps, enabled=world.rank == 0)
-    best = saved.get("best_val_loss")
-    step, bad, last_eval, eval_step, eval_seconds = start_step, 0, None, None, 0.0
+
+# -----------------------------------------------------------------------------
+# The loop
+
+
+def ending(run: Run, step: int, stop: list) -> str | None:
+    """Why this session ends at `step`, or None to go on: "finished" (the schedule is done), the name of the
+    signal that asked to stop (on any process, so all stop at the same step), or "stop_after"."""
+    if run.max_steps is not None and step >= run.max_steps:
+        return "finished"
+    if any_process(bool(stop), run.device):
+        return stop[0] if stop else "SIGTERM"
+    if 0 < run.cfg["stop_after"] <= step:
+        return "stop_after"
+    return None
+
+
+def evaluate_and_show(run: Run, step: int, monitor: Monitor) -> dict:
+    result = evaluate(run.model, run.val_data, run.cfg["eval_steps"], run.autocast, run.device, run.bytes_per_token)
+    run.best = result["val_loss"] if run.best is None else min(run.best, result["val_loss"])
+    text = sample(run.model, run.tokenizer, run.token_ids["eos_id"], 32, run.autocast, run.device,
+                  run.cfg["seed"] + step)
+    monitor.evaluation(step, result, text)
+    return result
+
+
+def save(run: Run, step: int, val_loss: float | None) -> None:
+    record = {"global_step": step, "max_steps": run.max_steps, "best_val_loss": run.best, "val_loss": val_loss,
+              "tokens_seen": step * run.tokens_per_step, "global_batch": run.global_batch, "config": run.cfg}
+    run.last_saved = save_training_checkpoint(run.out, step, run.model, run.optimizer, run.scaler, run.tokenizer,
+                                              record, run.token_ids)
+    if run.world.rank == 0:
+        prune_checkpoints(run.out, run.cfg["keep_checkpoints"])
+
+
+def one_step(run: Run, step: int) -> tuple[tuple[float, float] | None, float]:
+    """One optimizer step at the schedule's learning rate, on the micro-batches of (seed, step): (loss, gradient
+    norm) or None if it was skipped as non-finite, and the seconds it took."""
+    cfg = run.cfg
+    for g in run.optimizer.param_groups:
+        g["lr"] = g["base_lr"] * lr_factor(step, cfg, run.max_steps)
+    t = time.time()
+    try:
+        micro = [run.train_data.get_batch(step, m, run.device) for m in range(cfg["grad_accum"])]
+        result = train_step(run.train_model, run.optimizer, run.scaler, micro, run.autocast, cfg["grad_clip"])
+        if run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)  # so that the time is the step's, not the time to queue it
+    except torch.OutOfMemoryError:
+        raise UserError(f"out of GPU memory at step {step}: lower --batch_size (raise --grad_accum to keep the "
+                        "tokens per step), lower --seq_len, set --activation_checkpointing=true or use "
+                        f"--optimizer=muon; the last checkpoint is {run.last_saved}", "Out of memory") from None
+    return result, time.time() - t
+
+
+def train(run: Run, monitor: Monitor, stop: list) -> tuple[str, int, dict | None]:
+    """evaluate -> save -> stop? -> one step -> log, until the session ends. Returns why it ended (see ending()),
+    the step it ended at and the last evaluation."""
+    cfg = run.cfg
+    step, bad, last_eval, eval_step, eval_seconds = run.start_step, 0, None, None, 0.0
+    budget = TimeBudget(cfg["max_minutes"], step) if run.max_steps is None else None
     t_start = time.time()
-    budget = TimeBudget(cfg["max_minutes"], start_step) if max_steps is None else None
-    last_saved = resume
-    code = 0
-    with stop_requests() as stop:
-        try:
-            while True:
-                finished = max_steps is not None and step >= max_steps
-                eval_due = step % cfg["eval_interval"] == 0 and (step != start_step or step == 0)
-                if eval_due or finished:
-                    t = time.time()
-                    last_eval, eval_step = evaluate(model, val_data, cfg["eval_steps"], autocast, device,
-                                                    bytes_per_token), step
-                    best = last_eval["val_loss"] if best is None else min(best, last_eval["val_loss"])
-                    text = sample(model, tokenizer, token_ids["eos_id"], 32, autocast, device, cfg["seed"] + step)
-                    eval_seconds = time.time() - t
-                    monitor.evaluation(step, last_eval, text)
-                session_ends = finished or any_process(bool(stop), device) or 0 < cfg["stop_after"] <= step
-                if step != start_step and bad == 0 and (step % cfg["checkpoint_interval"] == 0 or session_ends):
-                    record = {"global_step": step, "max_steps": max_steps, "best_val_loss": best,
-                              "val_loss": last_eval["val_loss"] if eval_step == step else None,
-                              "tokens_seen": step * tokens_per_step, "global_batch": global_batch,
-                              "config": cfg}
-                    last_saved = save_training_checkpoint(out, step, model, optimizer, scaler, tokenizer, record,
-                                                          token_ids)
-                    if world.rank == 0:
-                        prune_checkpoints(out, cfg["keep_checkpoints"])
-                if finished:
-                    save_final_model(out, model, tokenizer, token_ids, step, best)
-                if session_ends:
-                    break
+    while True:
+        end = ending(run, step, stop)
+        # Evaluate every EVAL_INTERVAL steps and at the end. A resumed run was evaluated at its first step
+        # before that checkpoint was saved; a fresh one has not been, so step 0 is evaluated.
+        if end == "finished" or (step % cfg["eval_interval"] == 0 and (step != run.start_step or step == 0)):
+            t = time.time()
+            last_eval, eval_step = evaluate_and_show(run, step, monitor), step
+            eval_seconds = time.time() - t  # the time budget plans for evaluations too
+        # Save every CHECKPOINT_INTERVAL steps and whenever the session ends; not the step resumed from (it is
+        # saved already), nor right after a skipped non-finite step.
+        if step != run.start_step and bad == 0 and (end or step % cfg["checkpoint_interval"] == 0):
+            save(run, step, last_eval["val_loss"] if eval_step == step else None)
+        if end == "finished":
+            save_final_model(run.out, run.model, run.tokenizer, run.token_ids, step, run.best)
+        if end:
+            return end, step, last_eval
 
-                # one optimizer step
-                simulate_fault(world, step, stop)
-                for g in optimizer.param_groups:
-                    g["lr"] = g["base_lr"] * lr_factor(step, cfg, max_steps)
-                t = time.time()
-                micro = [train_data.get_batch(step, m, device) for m in range(cfg["grad_accum"])]
-                result = train_step(train_model, optimizer, scaler, micro, autocast, cfg["grad_clip"])
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                dt = time.time() - t
-                step += 1
-                if result is None:
-                    bad += 1
-                    monitor.log({"step": step, "skipped": "non-finite loss or gradient"})
-                    if bad >= cfg["max_bad_steps"]:
-                        where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint yet"
-                        raise UserError(f"the loss was NaN/inf {bad} steps in a row (step {step}): stopped without "
-                                        f"saving; {where}. Lower --lr, raise --warmup_steps or use --dtype=bfloat16, "
-                                        "then --resume=auto", "Loss is NaN or inf")
-                    continue
-                bad = 0
-                monitor.train_step({"step": step, "loss": result[0], "lr": optimizer.param_groups[0]["lr"],
-                                    "grad_norm": result[1], "tokens_per_s": tokens_per_step / dt,
-                                    "mfu": flops_per_step / dt / (peak * world.size) if peak else None,
-                                    "elapsed_s": time.time() - t_start}, device, cfg["log_interval"])
-                if max_steps is None:
-                    max_steps = from_rank0(budget.plan(step, eval_seconds, cfg), device)
-                    if max_steps is not None:
-                        monitor.bar.total = max_steps
-                        monitor.bar.write(f"the {cfg['max_minutes']:g}-minute budget allows {max_steps} steps")
-        except torch.OutOfMemoryError:
-            raise UserError(f"out of GPU memory at step {step}: lower --batch_size (raise --grad_accum to keep the "
-                            "tokens per step), lower --seq_len, set --activation_checkpointing=true or use "
-                            f"--optimizer=muon; the last checkpoint is {last_saved}", "Out of memory") from None
-        finally:
-            monitor.close()
-        if stop:
-            print(f"stopped by {stop[0]} at step {step}: saved {last_saved}; continue with --resume=auto")
-            code = 130 if stop[0] == "SIGINT" else 143
+        result, dt = one_step(run, step)
+        step += 1
 
-    if finished:
-        elapsed = time.time() - t_start
-        trained = (step - start_step) * tokens_per_step
+        # A non-finite loss or gradient skipped the update; a few in a row stop the run at its last checkpoint.
+        if result is None:
+            bad += 1
+            monitor.log({"step": step, "skipped": "non-finite loss or gradient"})
+            if bad >= cfg["max_bad_steps"]:
+                where = f"the last good checkpoint is {run.last_saved}" if run.last_saved else "no checkpoint yet"
+                raise UserError(f"the loss was NaN/inf {bad} steps in a row (step {step}): stopped without saving; "
+                                f"{where}. Lower --lr, raise --warmup_steps or use --dtype=bfloat16, then "
+                                "--resume=auto", "Loss is NaN or inf")
+            continue
+        bad = 0
+        mfu = run.flops_per_step / dt / (run.peak_flops * run.world.size) if run.peak_flops else None
+        monitor.train_step({"step": step, "loss": result[0], "lr": run.optimizer.param_groups[0]["lr"],
+                            "grad_norm": result[1], "tokens_per_s": run.tokens_per_step / dt, "mfu": mfu,
+                            "elapsed_s": time.time() - t_start}, run.device, cfg["log_interval"])
+
+        # A time budget fixes the schedule's length once the step time is measured (rank 0's plan for all).
+        if run.max_steps is None:
+            run.max_steps = from_rank0(budget.plan(step, eval_seconds, cfg), run.device)
+            if run.max_steps is not None:
+                monitor.bar.total = run.max_steps
+                monitor.bar.write(f"the {cfg['max_minutes']:g}-minute budget allows {run.max_steps} steps")
+
+
+def report(run: Run, end: str, step: int, last_eval: dict | None, seconds: float) -> int:
+    """What the session did and where the model is; the exit code (130/143 when a signal stopped it)."""
+    if end == "finished":
+        trained = (step - run.start_step) * run.tokens_per_step
         print(f"\ndone: {step} steps, val loss {last_eval['val_loss']:.4f} (perplexity {last_eval['val_ppl']:.1f}, "
-              f"{last_eval['val_bpb']:.3f} bits/byte), {elapsed / 60:.1f} min, {trained / elapsed:,.0f} tokens/s")
-        text = sample(model, tokenizer, token_ids["eos_id"], 100, autocast, device, cfg["seed"])
+              f"{last_eval['val_bpb']:.3f} bits/byte), {seconds / 60:.1f} min, {trained / seconds:,.0f} tokens/s")
+        text = sample(run.model, run.tokenizer, run.token_ids["eos_id"], 100, run.autocast, run.device,
+                      run.cfg["seed"])
         print(f"sample:\n{text}\n")
-        print(f"model saved to {out}/ (checkpoints: {', '.join(p.name for p in list_checkpoints(out))}); try:\n"
-              f"  python text_generator.py --checkpoint={out}")
-    elif not stop:
-        print(f"stopped after step {step} (--stop_after): saved {last_saved}; continue with --resume=auto")
-    return code
+        print(f"model saved to {run.out}/ (checkpoints: {', '.join(p.name for p in list_checkpoints(run.out))}); "
+              f"try:\n  python text_generator.py --checkpoint={run.out}")
+        return 0
+    if end == "stop_after":
+        print(f"stopped after step {step} (--stop_after): saved {run.last_saved}; continue with --resume=auto")
+        return 0
+    print(f"stopped by {end} at step {step}: saved {run.last_saved}; continue with --resume=auto")
+    return 130 if end == "SIGINT" else 143
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def main(argv: list[str]) -> int:
+    cfg, typed = parse_flags(_FLAG_DEFAULTS, argv, __file__, usage=__doc__)
+    resume, saved, fixed = settle_settings(cfg, typed)
+    device = pick_device(cfg["device"])
+    preset = choose_preset(cfg["preset"], device)
+    apply_preset(cfg, fixed, preset)
+    validate(cfg)
+    dtype = pick_dtype(cfg["dtype"], device)
+    device, world = start_processes(device, cfg["dist_timeout"])
+    run = setup(cfg, fixed, typed, resume, saved, device, world, preset, dtype)
+
+    monitor = Monitor(run.out, run.start_step, run.max_steps, enabled=world.rank == 0)
+    t_start = time.time()
+    try:
+        with stop_requests() as stop:
+            end, step, last_eval = train(run, monitor, stop)
+    finally:
+        monitor.close()
+    return report(run, end, step, last_eval, time.time() - t_start)
 
 
 if __name__ == "__main__":

@@ -25,41 +25,19 @@ every rank all updates: the parameters end identical to a one-process run. With 
 momentum is gathered whole, world_size matrices at a time, and each rank keeps its shard of the update.
 Every rank must step the same parameters (a matrix without a gradient on one rank only would hang the rest).
 
-Run `python muon_optimizer.py` to train the `small` model with Muon+AdamW and with AdamW, each over a short
-learning-rate sweep, and print/draw their validation losses (see README: Muon).
+`python muon_optimizer.py` runs its benchmark (benchmarks/muon.py): the `small` model trained with Muon+AdamW
+and with AdamW, each over a short learning-rate sweep, their validation losses printed and drawn (README: Muon).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import statistics
-import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from modern_llm import UserError
-
-# -----------------------------------------------------------------------------
-# Benchmark settings (`python muon_optimizer.py --help`); the optimizer itself takes its settings as arguments
-
-MODEL = "small"  # model size preset to train
-DATA_DIR = "/tmp/muon_benchmark/data"  # where the built-in corpus is tokenized (once)
-OUT_DIR = "/tmp/muon_benchmark"  # where the results table and the PNG go
-STEPS = 100  # optimizer steps per run (the same for every run)
-BATCH_SIZE = 8  # sequences per step
-SEQ_LEN = 64  # tokens per sequence
-WARMUP_STEPS = 10  # linear warmup, then linear decay to 10% of the peak lr
-WEIGHT_DECAY = 0.1  # decoupled weight decay, both optimizers
-ADAMW_LRS = [1e-3, 2e-3, 4e-3]  # AdamW learning rates swept (the best is kept)
-MUON_LRS = [1e-3, 2e-3, 4e-3]  # Muon+AdamW learning rates swept (match_rms_adamw scaling: AdamW-like values)
-EVAL_INTERVAL = 10  # steps between validation losses
-EVAL_BATCHES = 4  # validation batches per evaluation
-THREADS = 1  # torch CPU threads; 1 is steadier than 2 on a busy shared machine; 0 = torch's default
-SEED = 1337  # same data order and initial weights for every run
+from cli import UserError
 
 # -----------------------------------------------------------------------------
 # Newton-Schulz orthogonalisation
@@ -324,153 +302,14 @@ def build_optimizer(model: torch.nn.Module, name: str = "adamw", lr: float = 1e-
     return MuonWithAdamW(muon, adamw(rest, adamw_lr, weight_decay, betas, eps, fused))
 
 
-# -----------------------------------------------------------------------------
-# Benchmark: Muon+AdamW against AdamW on the built-in corpus
-
-
-def lr_factor(step: int, steps: int, warmup: int) -> float:
-    """Linear warmup, then linear decay to 10% of the peak."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 1.0 - 0.9 * (step - warmup) / max(1, steps - warmup)
-
-
-@torch.no_grad()
-def val_loss(model, batches) -> float:
-    model.eval()
-    with torch.autocast("cpu", torch.bfloat16):
-        loss = sum(model(x, y).item() for x, y in batches) / len(batches)
-    model.train()
-    return loss
-
-
-def train_run(cfg: dict, model_cfg, data_dir, optimizer: str, lr: float, val_batches) -> dict:
-    """One run from the same initial weights and data order: its val-loss curve and its time per step."""
-    from tqdm import tqdm
-
-    from modern_llm import LLM
-    from prepare_data import BatchLoader
-
-    torch.manual_seed(cfg["seed"])
-    model = LLM(model_cfg)
-    opt = build_optimizer(model, optimizer, lr=lr, weight_decay=cfg["weight_decay"])
-    train = BatchLoader(data_dir, "train", cfg["batch_size"], cfg["seq_len"], seed=cfg["seed"])
-    curve, step_s, opt_s = [(0, val_loss(model, val_batches))], [], []
-    for step in tqdm(range(cfg["steps"]), desc=f"{optimizer} lr={lr:g}", leave=False, mininterval=5):
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * lr_factor(step, cfg["steps"], cfg["warmup_steps"])
-        x, y = train.get_batch(step)
-        start = time.perf_counter()
-        with torch.autocast("cpu", torch.bfloat16):  # bf16 matmuls are ~4x faster than fp32 on this kind of CPU
-            loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        before_step = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step_s.append(time.perf_counter() - start)
-        opt_s.append(time.perf_counter() - before_step)
-        if (step + 1) % cfg["eval_interval"] == 0 or step + 1 == cfg["steps"]:
-            curve.append((step + 1, val_loss(model, val_batches)))
-            if not math.isfinite(curve[-1][1]):
-                break  # diverged: this learning rate is out of the running
-    # Medians: on a shared machine they ignore the steps another process stalled.
-    return {"optimizer": optimizer, "lr": lr, "curve": curve, "final": curve[-1][1],
-            "ms_per_step": 1e3 * statistics.median(step_s), "optimizer_ms": 1e3 * statistics.median(opt_s)}
-
-
-def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
-    """The first step at which the val loss reaches target, interpolated between evaluations."""
-    for (s0, l0), (s1, l1) in zip(curve, curve[1:]):
-        if l1 <= target:
-            return s1 - (s1 - s0) * (target - l1) / (l0 - l1) if l0 > target else s0
-    return None
-
-
-def report(runs: list[dict], out_dir) -> str:
-    """The table of every run and the comparison of the best of each optimizer; draws the curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lines = [f"{'optimizer':<11} {'lr':>8} {'final val loss':>15} {'ms/step':>9} {'optimizer ms':>13}"]
-    for r in runs:
-        lines.append(f"{r['optimizer']:<11} {r['lr']:>8g} {r['final']:>15.4f} {r['ms_per_step']:>9.0f} "
-                     f"{r['optimizer_ms']:>13.1f}")
-    best = {name: min((r for r in runs if r["optimizer"] == name), key=lambda r: r["final"])
-            for name in ("adamw", "muon")}
-    target = best["adamw"]["final"]
-    lines.append(f"\nbest of each (by final val loss); target = AdamW's final val loss {target:.4f}")
-    lines.append(f"{'optimizer':<11} {'lr':>8} {'val loss':>9} {'steps to target':>16} {'ms/step':>9}")
-    for name, r in best.items():
-        reach = steps_to_reach(r["curve"], target)
-        lines.append(f"{name:<11} {r['lr']:>8g} {r['final']:>9.4f} "
-                     f"{f'{reach:.0f}' if reach is not None else 'not reached':>16} {r['ms_per_step']:>9.0f}")
-    reach = steps_to_reach(best["muon"]["curve"], target)
-    if reach:
-        lines.append(f"Muon reaches AdamW's final loss in {reach / best['adamw']['curve'][-1][0]:.2f}x the steps "
-                     f"({best['adamw']['curve'][-1][0] / reach:.2f}x token efficiency); its step costs "
-                     f"{best['muon']['ms_per_step'] / best['adamw']['ms_per_step']:.2f}x AdamW's here")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in runs:
-        steps, losses = zip(*r["curve"])
-        is_best = r is best[r["optimizer"]]
-        ax.plot(steps, losses, color="tab:red" if r["optimizer"] == "muon" else "tab:blue",
-                alpha=1.0 if is_best else 0.3, linewidth=2 if is_best else 1,
-                label=f"{'Muon+AdamW' if r['optimizer'] == 'muon' else 'AdamW'} lr={r['lr']:g}")
-    ax.axhline(target, color="gray", linestyle=":", linewidth=1)
-    ax.set(xlabel="step", ylabel="validation loss", title="Muon+AdamW vs AdamW (best lr bold)")
-    ax.legend()
-    png = Path(out_dir) / "muon_vs_adamw.png"
-    fig.savefig(png, dpi=120, bbox_inches="tight")
-    lines.append(f"curves: {png}")
-    return "\n".join(lines)
-
-
-def parse_lrs(texts: list, flag: str) -> list[float]:
-    try:
-        lrs = [float(t) for t in texts]
-    except ValueError:
-        raise UserError(f"--{flag} expects numbers, got {texts}", "Muon") from None
-    if not lrs or any(not lr > 0 for lr in lrs):
-        raise UserError(f"--{flag} needs at least one learning rate, each > 0, got {texts}", "Muon")
-    return lrs
-
-
 def main(argv: list[str]) -> int:
-    from modern_llm import model_preset, parse_flags, script_constants
-    from prepare_data import BatchLoader, load_meta, prepare
+    """`python muon_optimizer.py`: the optimizer's evidence, measured by benchmarks/muon.py (README: Muon)."""
+    from benchmarks.muon import main as benchmark
 
-    cfg, _ = parse_flags(script_constants(globals()), argv, __file__, usage=__doc__)
-    sweeps = {"adamw": parse_lrs(cfg["adamw_lrs"], "adamw_lrs"), "muon": parse_lrs(cfg["muon_lrs"], "muon_lrs")}
-    for name in ("steps", "batch_size", "seq_len", "eval_interval", "eval_batches"):
-        if cfg[name] < 1:
-            raise UserError(f"--{name} must be at least 1, got {cfg[name]}", "Muon")
-    if cfg["threads"] > 0:
-        torch.set_num_threads(cfg["threads"])
-    model_cfg = model_preset(cfg["model"])
-    data_dir = prepare("builtin", cfg["data_dir"], vocab_size=model_cfg.vocab_size)
-    model_cfg = model_preset(cfg["model"], vocab_size=load_meta(data_dir)["vocab_size"],
-                             max_seq_len=max(cfg["seq_len"], model_cfg.max_seq_len))
-    val = BatchLoader(data_dir, "val", cfg["batch_size"], cfg["seq_len"], seed=cfg["seed"])
-    val_batches = [val.get_batch(i) for i in range(cfg["eval_batches"])]
-    out_dir = Path(cfg["out_dir"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"{cfg['model']} model, {cfg['steps']} steps of {cfg['batch_size']}x{cfg['seq_len']} tokens, "
-          f"torch threads: {torch.get_num_threads()}, bf16 autocast on CPU")
-    runs = []
-    for name, lrs in sweeps.items():
-        for lr in lrs:
-            runs.append(train_run(cfg, model_cfg, data_dir, name, lr, val_batches))
-            r = runs[-1]
-            print(f"  {name:<6} lr={lr:g}: final val loss {r['final']:.4f}, {r['ms_per_step']:.0f} ms/step")
-    (out_dir / "results.json").write_text(json.dumps(runs, indent=1) + "\n")
-    print(report(runs, out_dir))
-    return 0
+    return benchmark(argv)
 
 
 if __name__ == "__main__":
-    from modern_llm import run_main
+    from cli import run_main
 
     run_main(main)

@@ -38,7 +38,7 @@ from pydantic_core import PydanticCustomError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
-from modern_llm import UserError, parse_flags, run_main, script_constants
+from cli import UserError, parse_flags, run_main, settings_block
 from text_generator import Engine, SamplingParams
 
 CHECKPOINT = "out"  # checkpoint directory: a run's OUT_DIR or any Llama checkpoint directory
@@ -55,6 +55,7 @@ MAX_QUEUE = 64  # most requests waiting for a batch; one more answers 503
 BATCH_WINDOW_MS = 20  # how long the first request of a batch waits for others to join it
 MAX_REQUEST_BYTES = 1_000_000  # a larger request body answers 413
 BENCHMARK = False  # instead of serving: measure requests/s and tokens/s at 1, 4 and 16 concurrent clients
+_FLAG_DEFAULTS = settings_block(globals())  # the settings above are the flags
 
 # -----------------------------------------------------------------------------
 # Errors, in OpenAI's shape: {"error": {"message", "type", "param", "code"}}
@@ -561,41 +562,8 @@ def base_url(sock: socket.socket) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
-def benchmark(app, api_key: str, requests_per_client: int = 4, max_tokens: int = 64) -> None:
-    """Closed-loop clients over real HTTP: each sends a request, waits for the answer, sends the next."""
-    import urllib.request
-    from concurrent.futures import ThreadPoolExecutor
-
-    server, url = start_in_thread(app, listen("127.0.0.1", 0))
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"}
-
-    def client(i: int) -> tuple[int, float]:
-        tokens, waited = 0, 0.0
-        for r in range(requests_per_client):
-            body = {"prompt": f"Client {i}, request {r}: once upon a time", "max_tokens": max_tokens, "temperature": 0}
-            start = time.perf_counter()
-            request = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(), headers)
-            with urllib.request.urlopen(request) as response:
-                tokens += json.load(response)["usage"]["completion_tokens"]
-            waited += time.perf_counter() - start
-        return tokens, waited
-
-    client(0)  # warm-up
-    print(f"{max_tokens} new tokens per request, {requests_per_client} requests per client, greedy")
-    print(f"{'clients':>7} {'requests':>8} {'seconds':>8} {'requests/s':>10} {'tokens/s':>9} {'latency s':>9}")
-    for clients in (1, 4, 16):
-        start = time.perf_counter()
-        with ThreadPoolExecutor(clients) as pool:
-            results = list(pool.map(client, range(clients)))
-        seconds = time.perf_counter() - start
-        n = clients * requests_per_client
-        tokens, waited = sum(r[0] for r in results), sum(r[1] for r in results)
-        print(f"{clients:>7} {n:>8} {seconds:>8.1f} {n / seconds:>10.2f} {tokens / seconds:>9.1f} {waited / n:>9.2f}")
-    server.should_exit = True
-
-
 def main(argv: list[str]) -> int:
-    cfg, _ = parse_flags(script_constants(globals()), argv, __file__, usage=__doc__)
+    cfg, _ = parse_flags(_FLAG_DEFAULTS, argv, __file__, usage=__doc__)
     for name in ("max_batch_size", "max_queue"):
         if cfg[name] < 1:
             raise UserError(f"--{name} must be at least 1, got {cfg[name]}", "Server")
@@ -606,8 +574,8 @@ def main(argv: list[str]) -> int:
     app = create_app(engine, name, cfg["api_key"], cfg["max_batch_size"], cfg["max_queue"], cfg["batch_window_ms"],
                      cfg["max_request_bytes"])
     if sock is None:
-        benchmark(app, cfg["api_key"])
-        return 0
+        from benchmarks.serving import benchmark
+        return benchmark(app, cfg["api_key"])
     if cfg["host"] not in ("127.0.0.1", "localhost", "::1") and not cfg["api_key"]:
         print(f"warning: listening on {cfg['host']} without --api_key: anyone who can reach it can use it")
     print(f"serving {name} at {base_url(sock)}/v1 (Ctrl-C stops)", flush=True)

@@ -5,20 +5,24 @@ all together against an eager fp32 baseline, side by side in one run, so the fig
     python speed_optimizations_2025.py                 # `small` model on CPU (~5 min), 125m on a GPU
     python speed_optimizations_2025.py --quick         # tiny model, about a minute: does every row run here?
     python speed_optimizations_2025.py --rows=baseline --rows=transformers   # only some rows
+    python speed_optimizations_2025.py decode --checkpoint=out   # another report: decode, serving, tokenization, muon
 
 A row is a training step (forward, backward, optimizer): warm-up steps, then the median of timed steps. The table
 (tokens/s, speed-up over the baseline, forward+backward and optimizer time, peak memory, MFU) is printed and
 written to OUT/<device>.md, .json and .png. A technique that does not apply on this device says why instead of
 a number. Each technique is a function below whose docstring says why it helps, when it does not, and what it
 measured on the reference machine (2-core AMD EPYC Zen 5 CPU, `small` model, batch 8 x 256).
+
+Every other measurement of the project is a report in benchmarks/, run as `python speed_optimizations_2025.py
+REPORT [flags]` (REPORTS below; `REPORT --help` lists its flags).
 """
 
 from __future__ import annotations
 
 import gc
+import importlib
 import importlib.metadata
 import json
-import platform
 import statistics
 import time
 import warnings
@@ -35,7 +39,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 import modern_llm as ml
-from modern_llm import UserError
+from checkpoint import hf_config
+from cli import UserError, device_name, parse_flags, peak_flops, pick_device, run_main, settings_block
 
 MODEL = "small"  # size preset from modern_llm.PRESETS (a GPU run uses 125m unless given)
 DEVICE = "auto"  # auto (cuda when available), cuda or cpu
@@ -50,6 +55,11 @@ QUICK = False  # tiny model, batch 4 x 64, 1 warm-up + 3 timed steps: about a mi
 ROWS = []  # measure only these rows (repeatable, names as in the table's first column); empty: all
 OUT = "out/speed"  # folder for <device>.md, <device>.json and <device>.png
 SEED = 0  # the same weights and tokens for every row
+_FLAG_DEFAULTS = settings_block(globals())  # the settings above are the flags
+
+# The other reports: `python speed_optimizations_2025.py NAME [flags]` runs benchmarks/<module>.py's main.
+REPORTS = {"decode": "benchmarks.decode", "serving": "benchmarks.serving", "tokenization": "benchmarks.tokenization",
+           "muon": "benchmarks.muon"}
 
 # Constants a GPU run or --quick sets unless the user gave them on the command line.
 GPU_DEFAULTS = {"model": "125m", "seq_len": 1024}
@@ -317,7 +327,7 @@ def transformers_twin(model: ml.LLM) -> nn.Module:
     """LlamaForCausalLM with our model's config (through the same config.json fields) and weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hf_model = LlamaForCausalLM(LlamaConfig(**ml.hf_config(model.cfg)))
+    hf_model = LlamaForCausalLM(LlamaConfig(**hf_config(model.cfg)))
     missing, unexpected = hf_model.load_state_dict(model.state_dict(), strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:  # the tied head is the embedding
         raise RuntimeError(f"weights do not map onto LlamaForCausalLM: {missing} {unexpected}")
@@ -486,31 +496,11 @@ def run_row(bench: Bench, technique: Callable[[Bench], Setup | str], x, y) -> di
 # Peaks for MFU
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:  # Linux names the CPU model here; platform.processor() is often empty or just "x86_64"
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def peak_flops(device: torch.device, quick: bool) -> tuple[dict[str, float], str]:
-    """(precision -> FLOP/s, where the figures come from): a GPU's data sheet when we know it, otherwise a
-    measured matmul (on CPU there is no one data-sheet figure: it depends on the cores, the clock and the BLAS)."""
-    name = device_name(device)
-    sheet = ml.datasheet_flops(name) if device.type == "cuda" else None
-    if sheet:
-        return sheet, f"{name} data sheet (dense)"
+def peaks(device: torch.device, quick: bool) -> tuple[dict[str, float], str]:
+    """(precision -> FLOP/s, where the figures come from) for every precision a row may compute in."""
     n = 1024 if quick else 2048
-    fp32 = ml.measured_matmul_flops(device, torch.float32, n)
-    with Float32Precision("high"):
-        tf32_ = ml.measured_matmul_flops(device, torch.float32, n) if device.type == "cuda" else fp32
-    return ({"fp32": fp32, "tf32": tf32_, "bf16": ml.measured_matmul_flops(device, torch.bfloat16, n)},
-            f"measured {n}x{n} matmul")
+    found = {p: peak_flops(device, p, n) for p in ("fp32", "tf32", "bf16")}
+    return {p: flops for p, (flops, _) in found.items()}, found["bf16"][1]
 
 
 # -----------------------------------------------------------------------------
@@ -589,15 +579,12 @@ def package_version(name: str) -> str | None:
         return None
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
+def speed_device(name: str) -> torch.device:
+    """The report measures CUDA GPUs and CPUs (its rows are CUDA's and the CPU's techniques)."""
+    if name != "auto" and name.split(":")[0] not in ("cpu", "cuda"):
         raise UserError(f"--device={name!r}: choose auto, cpu or cuda", "Performance")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device=cuda but PyTorch sees no CUDA GPU (a CPU-only torch build, or no driver)",
-                        "Performance")
-    return torch.device(name)
+    device = pick_device(name)
+    return device if device.type in ("cpu", "cuda") else torch.device("cpu")
 
 
 def make_bench(cfg: dict, device: torch.device) -> Bench:
@@ -610,11 +597,11 @@ def make_bench(cfg: dict, device: torch.device) -> Bench:
     if cfg["seq_len"] > model_cfg.max_seq_len:
         raise UserError(f"--seq_len={cfg['seq_len']} exceeds the {cfg['model']} model's context of "
                         f"{model_cfg.max_seq_len}", "Performance")
-    peaks, source = peak_flops(device, cfg["quick"])
+    peak, source = peaks(device, cfg["quick"])
     return Bench(device=device, cfg=model_cfg, model_name=cfg["model"], batch_size=cfg["batch_size"],
                  seq_len=cfg["seq_len"], warmup_steps=cfg["warmup_steps"], steps=cfg["steps"],
                  grad_accum=cfg["grad_accum"], lr=cfg["lr"], weight_decay=cfg["weight_decay"], seed=cfg["seed"],
-                 peak_flops=peaks, peak_source=source)
+                 peak_flops=peak, peak_source=source)
 
 
 def selected_techniques(names: list[str]):
@@ -627,8 +614,10 @@ def selected_techniques(names: list[str]):
 
 
 def main(argv: list[str]) -> int:
-    cfg, given = ml.parse_flags(ml.script_constants(globals()), argv, __file__, usage=__doc__)
-    device = resolve_device(cfg["device"])
+    if argv and argv[0] in REPORTS:
+        return importlib.import_module(REPORTS[argv[0]]).main(argv[1:])
+    cfg, given = parse_flags(_FLAG_DEFAULTS, argv, __file__, usage=__doc__)
+    device = speed_device(cfg["device"])
     defaults = {**(GPU_DEFAULTS if device.type == "cuda" else {}), **(QUICK_DEFAULTS if cfg["quick"] else {})}
     cfg.update({k: v for k, v in defaults.items() if k not in given})
     techniques = selected_techniques(cfg["rows"])
@@ -656,4 +645,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    ml.run_main(main)
+    run_main(main)

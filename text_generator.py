@@ -23,8 +23,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from modern_llm import (CheckpointError, KVCache, UserError, is_int8, load_model, parse_flags, quantize_int8,
-                        pick_device, resolve_checkpoint, run_main, script_constants)
+from checkpoint import CheckpointError, is_int8, load_model, quantize_int8, resolve_checkpoint
+from cli import UserError, parse_flags, pick_device, pick_dtype, run_main, settings_block
 
 CHECKPOINT = "out"  # a checkpoint directory, or a training run's OUT_DIR (its newest checkpoint)
 PROMPT: list = []  # one-shot mode: continue this text and exit (repeatable)
@@ -44,8 +44,8 @@ COMPILE = False  # torch.compile the decode step (slow first answer, faster afte
 DEVICE = "auto"  # auto, cpu, cuda, cuda:1, mps
 DTYPE = "auto"  # auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16
 BENCHMARK = False  # measure decode tokens/s against transformers' generate and print a table
+_FLAG_DEFAULTS = settings_block(globals())  # the settings above are the flags
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 END_OF_TURN = "<|im_end|>"  # the chat template's end-of-turn token: a reply stops there as at EOS
 
 
@@ -272,16 +272,6 @@ class RowState:
 # The engine
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-        return torch.float32  # many CPUs have no fast bf16; NOTES.md shows where bf16 does pay off
-    if name not in DTYPES:
-        raise UserError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}", "Generation errors")
-    return DTYPES[name]
-
-
 def load_checkpoint_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
@@ -303,7 +293,7 @@ class Engine:
         if quantize not in (None, "", "int8"):
             raise UserError(f"unknown quantization {quantize!r}; the choice is int8 (or nothing)", "Generation errors")
         self.device = pick_device(device)
-        self.dtype = pick_dtype(dtype, self.device)
+        self.dtype = pick_dtype(dtype, self.device, cpu_bf16=False)  # fp32 on CPUs: the exact tokens
         self.path = resolve_checkpoint(checkpoint)
         self.model = load_model(self.path, self.device, self.dtype).eval()
         if quantize == "int8" and not is_int8(self.model):
@@ -324,14 +314,6 @@ class Engine:
             self._decode = torch.compile(self._decode_step, dynamic=False)
 
     # -- the model steps ---------------------------------------------------------------------------------------
-    def _setup_cache(self, batch_size: int, length: int) -> None:
-        """A KV cache of `length` slots. With left padding a short prompt's row starts late, so a batch can
-        need more slots than the context (no row gets more positions than the context, though)."""
-        cfg, w = self.model.cfg, self.model.model.embed_tokens.weight
-        for layer in self.model.model.layers:
-            layer.self_attn.kv_cache = KVCache(batch_size, cfg.n_kv_head, length, cfg.head_dim, w.dtype, w.device)
-        self.model.cache_len = length
-
     def cache_length(self, needed: int) -> int:
         """Round up to a quarter of the context so a compiled decode step sees few distinct shapes."""
         quarter = max(1, self.max_seq_len // 4)
@@ -388,7 +370,7 @@ class Engine:
         pad = torch.tensor([P - len(x) for x in prompts], device=self.device)
         idx = torch.tensor([[self.pad_id] * (P - len(x)) + x for x in prompts], device=self.device)
         sampler = Sampler(params, prompts, self.model.cfg.vocab_size, self.device, self.generator)
-        self._setup_cache(B, self.cache_length(P + max(budgets)))
+        self.model.setup_cache(B, self.cache_length(P + max(budgets)))
         try:
             logits = self._prefill(idx, pad)
             for slot in range(P, P + max(budgets)):
@@ -557,68 +539,6 @@ class Session:
 
 
 # -----------------------------------------------------------------------------
-# Benchmark: decode speed against transformers' generate
-
-BENCH_NEW_TOKENS = 128
-BENCH_PROMPT = "The quick brown fox jumps over the lazy dog"
-
-
-def timed(fns: dict[str, Callable[[], object]], rounds: int = 3) -> dict[str, float]:
-    """Best wall-clock seconds of each function over `rounds` rounds, after one untimed call each (warm-up,
-    compilation). Round-robin, so a machine that gets busier or quieter meanwhile affects all of them alike."""
-    for fn in fns.values():
-        fn()
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
-
-
-def benchmark(checkpoint: str, device: str, batch_sizes: tuple[int, ...] = (1, 8)) -> int:
-    """Greedy, BENCH_NEW_TOKENS new tokens per row (end tokens ignored, so every row decodes them all), the
-    same checkpoint and prompt for every row: ours eager/compiled x fp32/int8, and transformers' generate
-    with its default dynamic cache and with a static cache + torch.compile."""
-    from transformers import AutoModelForCausalLM, CompileConfig
-
-    path = resolve_checkpoint(checkpoint)
-    engines = {(q, c): Engine(path, device, "float32", q, c, max(batch_sizes))
-               for q in (None, "int8") for c in (False, True)}
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(pick_device(device)).eval()
-    hf.generation_config.eos_token_id = None
-    compile_config = CompileConfig(mode="default")
-    compile_config._compile_all_devices = True  # transformers compiles on GPUs only unless told
-    hf_runs = {"transformers eager": {},
-               "transformers static cache + compile": {"cache_implementation": "static", "compile_config": compile_config}}
-    prompt = engines[None, False].tokenizer.encode(BENCH_PROMPT, add_special_tokens=False)
-    params = SamplingParams(max_new_tokens=BENCH_NEW_TOKENS, temperature=0)
-    rows = []
-    for batch in batch_sizes:
-        ids = torch.tensor([prompt] * batch, device=hf.device)
-        runs = {name: lambda extra=extra: hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                                     max_new_tokens=BENCH_NEW_TOKENS, pad_token_id=0, **extra)
-                for name, extra in hf_runs.items()}
-        for (q, c), engine in engines.items():
-            engine.end_tokens = set()
-            runs[f"ours {'compiled' if c else 'eager'} {q or 'fp32'}"] = \
-                lambda engine=engine: engine.generate([prompt] * batch, [params] * batch)
-        with torch.inference_mode():
-            results = timed(runs)
-        base = batch * BENCH_NEW_TOKENS / results["transformers eager"]
-        for name, seconds in results.items():
-            rows.append((batch, name, batch * BENCH_NEW_TOKENS / seconds, batch * BENCH_NEW_TOKENS / seconds / base))
-    cfg = engines[None, False].model.cfg
-    print(f"decode tokens/s: {path}, {cfg.n_layer} layers x d={cfg.d_model}, vocab {cfg.vocab_size}, "
-          f"{pick_device(device)}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print("| batch | generator | tokens/s | x transformers eager |\n| --- | --- | --- | --- |")
-    for batch, name, speed, ratio in rows:
-        print(f"| {batch} | {name} | {speed:,.0f} | {ratio:.2f} |")
-    return 0
-
-
-# -----------------------------------------------------------------------------
 # One-shot mode and main
 
 
@@ -652,7 +572,7 @@ def one_shot(engine: Engine, prompts: list[str], params: SamplingParams) -> None
 
 
 def main(argv: list[str]) -> int:
-    cfg, given = parse_flags(script_constants(globals()), argv, __file__, usage=__doc__)
+    cfg, given = parse_flags(_FLAG_DEFAULTS, argv, __file__, usage=__doc__)
     if cfg["batch_size"] < 1:
         raise UserError(f"--batch_size must be at least 1, got {cfg['batch_size']}", "Generation errors")
     params = SamplingParams(max_new_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"], top_k=cfg["top_k"],
@@ -664,6 +584,7 @@ def main(argv: list[str]) -> int:
         raise UserError(f"no checkpoint found: {cfg['checkpoint']}/ does not exist. Train one "
                         "(python gpu_training_optimized.py) or pass --checkpoint=DIR", "Generation errors")
     if cfg["benchmark"]:
+        from benchmarks.decode import benchmark
         return benchmark(cfg["checkpoint"], cfg["device"])
     engine = Engine(cfg["checkpoint"], cfg["device"], cfg["dtype"], cfg["quantize"] or None, cfg["compile"],
                     max_batch_size=cfg["batch_size"])

@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be fetched from the 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import checkpoint  # noqa: E402
 import modern_llm  # noqa: E402
 import prepare_data  # noqa: E402
 
@@ -36,7 +37,7 @@ def make_checkpoint(path: Path, tokenizer, seed: int = 0, **overrides) -> Path:
     cfg = modern_llm.model_preset("tiny", vocab_size=len(tokenizer), **overrides)
     model = modern_llm.LLM(cfg)
     ids = {"bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id}
-    return modern_llm.save_checkpoint(model, path, extra=tokenizer.save_pretrained, token_ids=ids)
+    return checkpoint.save_checkpoint(model, path, extra=tokenizer.save_pretrained, token_ids=ids)
 
 
 @pytest.fixture(scope="session")

@@ -12,9 +12,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import corpora
 import prepare_data
 from conftest import ROOT
-from modern_llm import UserError, run_main
+from cli import UserError, run_main
 
 DOCS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -104,16 +105,16 @@ def test_hub_stream_path_with_a_local_stream(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps({"body": d}) + "\n" for d in DOCS))
     stream = load_dataset("json", data_files=str(path), split="train", streaming=True)
-    ds = prepare_data.materialize(stream, "body", max_bytes=60, where="rows")
+    ds = corpora.materialize(stream, "body", max_bytes=60, where="rows")
     assert ds["text"][:] == DOCS[:2]  # the budget is passed inside the second document, which is kept whole
-    assert len(prepare_data.materialize(stream, "body", None, "rows")) == len(DOCS)
+    assert len(corpora.materialize(stream, "body", None, "rows")) == len(DOCS)
     with pytest.raises(UserError, match="no 'text' field"):
-        prepare_data.materialize(stream, "text", None, "rows")
+        corpora.materialize(stream, "text", None, "rows")
 
 
 @pytest.mark.slow  # ~25 s on a busy 2-core machine
 def test_builtin_corpus_prepares_offline_and_is_reused(tmp_path):
-    docs = prepare_data.builtin_documents()
+    docs = corpora.builtin_documents()
     assert len(docs) > 300 and 1e6 < sum(map(len, docs)) < 2e7
     data_dir = prepare_data.prepare("builtin", tmp_path, vocab_size=512, val_fraction=0.01)
     meta = prepare_data.load_meta(data_dir)

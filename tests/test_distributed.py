@@ -18,10 +18,12 @@ from safetensors.torch import load_file
 import gpu_training_optimized as train
 import modern_llm
 import prepare_data
-from modern_llm import UserError
+import training_state
+from cli import UserError
 from conftest import ROOT, SAMPLE_TEXT
 
 SCRIPT = str(ROOT / "gpu_training_optimized.py")
+FAULT_ENV = "TRAIN_FAULT"  # read by tests/faulty_rank.py
 STEPS = 6
 
 
@@ -59,12 +61,14 @@ def free_port() -> int:
 
 
 def torchrun(*args, fault: str | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
-    """The script under `torchrun --nproc_per_node=2`, as a user starts it (torch.distributed.run is torchrun)."""
+    """The script under `torchrun --nproc_per_node=2`, as a user starts it (torch.distributed.run is torchrun).
+    With a fault, tests/faulty_rank.py runs it instead, making its last rank fail that way at step 2."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = SCRIPT
     if fault:
-        env[train.FAULT_ENV] = fault
+        env[FAULT_ENV], script = fault, str(ROOT / "tests" / "faulty_rank.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           SCRIPT, *args]
+           script, *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -126,7 +130,7 @@ def test_fsdp_trains_as_ddp_and_saves_whole_checkpoints(ddp, fsdp):
     (ddp_out, _), (fsdp_out, run) = ddp, fsdp
     assert "2 processes, fsdp" in run.stdout
     assert_same_weights(fsdp_out / "checkpoint-3", ddp_out / "checkpoint-3")
-    states = [torch.load(o / "checkpoint-3" / train.TRAINING_STATE, weights_only=True)["optimizer"]["adamw"]
+    states = [torch.load(o / "checkpoint-3" / training_state.TRAINING_STATE, weights_only=True)["optimizer"]["adamw"]
               for o in (fsdp_out, ddp_out)]
     assert states[0]["state"].keys() == states[1]["state"].keys() == weights(ddp_out / "checkpoint-3").keys()
     for name, moments in states[0]["state"].items():  # gathered from the shards: whole tensors, DDP's values

@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
+import cli
 import evaluate_model
-import modern_llm
 from conftest import ROOT
 
 TEXT = "Héllo wörld, to be or not to be: that is the question. 日本語 🎉 The quick brown fox jumps."
@@ -77,7 +78,7 @@ def test_windows_do_not_overlap_and_predict_every_token_once(tiny_checkpoint, ti
 
 def test_command_line_prints_the_metrics(tiny_checkpoint, text_file, capsys):
     with pytest.raises(SystemExit) as e:
-        modern_llm.run_main(evaluate_model.main, [f"--checkpoint={tiny_checkpoint}", f"--dataset={text_file}",
+        cli.run_main(evaluate_model.main, [f"--checkpoint={tiny_checkpoint}", f"--dataset={text_file}",
                                                   "--seq_len=16", "--device=cpu"])
     assert e.value.code == 0
     m = evaluate_model.evaluate_checkpoint(str(tiny_checkpoint), str(text_file), seq_len=16)
@@ -94,7 +95,7 @@ def test_command_line_prints_the_metrics(tiny_checkpoint, text_file, capsys):
 ])
 def test_bad_inputs_are_one_line_errors(tiny_checkpoint, text_file, flag, message, capsys):
     with pytest.raises(SystemExit) as e:  # the last --name=value wins
-        modern_llm.run_main(evaluate_model.main, [f"--checkpoint={tiny_checkpoint}", f"--dataset={text_file}", flag])
+        cli.run_main(evaluate_model.main, [f"--checkpoint={tiny_checkpoint}", f"--dataset={text_file}", flag])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and err.startswith("error: ") and len(err.splitlines()) == 1
 
@@ -126,7 +127,7 @@ def test_lm_eval_runs_the_shipped_task_offline(tiny_checkpoint, tiny_tokenizer, 
     [results] = list((tmp_path / "results").rglob("results_*.json"))
     acc = json.loads(results.read_text())["results"]["modern_llm_mc"]["acc,none"]
 
-    model = modern_llm.load_model(tiny_checkpoint).eval()
+    model = checkpoint.load_model(tiny_checkpoint).eval()
     docs = [json.loads(line) for line in (ROOT / "evals" / "modern_llm_mc.jsonl").read_text().splitlines()]
     correct = 0
     for d in docs:

@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
+import cli
 import export_model
-import modern_llm
 from conftest import ROOT
 
 
 def run(argv: list[str], capsys) -> tuple[int, str]:
     """Run the script in-process as the command line would: (exit code, stdout + stderr)."""
     with pytest.raises(SystemExit) as e:
-        modern_llm.run_main(export_model.main, argv)
+        cli.run_main(export_model.main, argv)
     captured = capsys.readouterr()
     return e.value.code, captured.out + captured.err
 
@@ -32,7 +33,7 @@ def onnx_dir(tiny_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fp32_model(tiny_checkpoint):
-    return modern_llm.load_model(tiny_checkpoint).eval()
+    return checkpoint.load_model(tiny_checkpoint).eval()
 
 
 # -----------------------------------------------------------------------------
@@ -102,8 +103,8 @@ def test_int8_checkpoint_loads_generates_and_stays_close_to_fp32(tiny_checkpoint
         assert f.get_tensor("model.embed_tokens.weight").dtype == torch.float32
     assert (out / "model.safetensors").stat().st_size < (tiny_checkpoint / "model.safetensors").stat().st_size
 
-    int8 = modern_llm.load_model(out).eval()
-    assert modern_llm.is_int8(int8)
+    int8 = checkpoint.load_model(out).eval()
+    assert checkpoint.is_int8(int8)
     ids = torch.randint(0, int8.cfg.vocab_size, (3, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want, got = fp32_model(ids), int8(ids)
@@ -198,7 +199,7 @@ def test_gguf_reads_back_in_transformers_with_same_logits_and_tokens(tiny_tokeni
     assert "GGUF reads back" in text and out.is_file()
 
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name, dtype=torch.float32).eval()
-    ours = modern_llm.load_model(ckpt).eval()
+    ours = checkpoint.load_model(ckpt).eval()
     ids = torch.randint(0, ours.cfg.vocab_size, (2, 30), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=0, atol=1e-4)
@@ -224,7 +225,7 @@ def test_gguf_from_an_int8_checkpoint_is_refused(tiny_checkpoint, tmp_path, caps
 
 
 def test_only_the_documented_constants_are_flags():
-    flags = set(modern_llm.script_constants(vars(export_model)))
+    flags = set(export_model._FLAG_DEFAULTS)
     assert flags == {"CHECKPOINT", "FORMAT", "OUT", "FORCE", "KV_CACHE", "TOLERANCE", "INT8_TOLERANCE", "GGUF_TYPE"}
 
 

@@ -14,11 +14,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+import checkpoint
 import gpu_training_optimized as train
 import modern_llm
 import prepare_data
 from conftest import ROOT, SAMPLE_TEXT, make_checkpoint
-from modern_llm import UserError
+from cli import UserError
 
 SCRIPT = str(ROOT / "gpu_training_optimized.py")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -58,7 +59,7 @@ def hf_llama(tmp_path_factory, tiny_tokenizer):
     path = tmp_path_factory.mktemp("hf") / "llama"
     model.save_pretrained(path, max_shard_size="200KB")
     tiny_tokenizer.save_pretrained(path)
-    assert (path / modern_llm.INDEX_FILE).is_file() and len(list(path.glob("*.safetensors"))) >= 2
+    assert (path / checkpoint.INDEX_FILE).is_file() and len(list(path.glob("*.safetensors"))) >= 2
     return path, model
 
 
@@ -67,10 +68,10 @@ def test_init_from_matches_transformers_then_trains_into_a_directory_transformer
     ids = torch.randint(0, theirs.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
     cfg = {k.lower(): v for k, v in train._FLAG_DEFAULTS.items()} | {"init_from": str(path)}
     init = train.resolve_init_from(str(path))
-    model_cfg = modern_llm.read_config(init)
+    model_cfg = checkpoint.read_config(init)
     assert (model_cfg.tie_embeddings, model_cfg.n_kv_head, model_cfg.head_dim, model_cfg.rope_theta,
             model_cfg.norm_eps) == (False, 2, 24, 500000.0, 1e-6)
-    ours = train.build_model(model_cfg, torch.device("cpu"), cfg, modern_llm.load_state_dict(init)).eval()
+    ours = train.build_model(model_cfg, torch.device("cpu"), cfg, checkpoint.load_state_dict(init)).eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-5, rtol=0)
 
@@ -78,16 +79,16 @@ def test_init_from_matches_transformers_then_trains_into_a_directory_transformer
     text.write_text("\n\n".join(SAMPLE_TEXT))
     assert train.main(run_flags(tmp_path, path, text, "--max_steps=3", "--seq_len=16", "--freeze_embeddings=true")) == 0
     out = tmp_path / "out"
-    state = json.loads((out / "checkpoint-3" / modern_llm.STATE_FILE).read_text())["config"]
+    state = json.loads((out / "checkpoint-3" / checkpoint.STATE_FILE).read_text())["config"]
     assert (state["lr"], state["min_lr"], state["warmup_steps"]) == (5e-5, 5e-6, 20)  # fine-tune defaults
-    saved, before = load_file(out / modern_llm.WEIGHTS_FILE), theirs.state_dict()
+    saved, before = load_file(out / checkpoint.WEIGHTS_FILE), theirs.state_dict()
     assert torch.equal(saved["model.embed_tokens.weight"], before["model.embed_tokens.weight"])  # frozen
     assert not torch.equal(saved["lm_head.weight"], before["lm_head.weight"])  # the untied head trained
     assert not torch.equal(saved["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert reloaded.config.tie_word_embeddings is False and reloaded.config.head_dim == 24
     with torch.no_grad():
-        torch.testing.assert_close(modern_llm.load_model(out).eval()(ids), reloaded(ids).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(checkpoint.load_model(out).eval()(ids), reloaded(ids).logits, atol=1e-5, rtol=0)
 
 
 def test_the_data_cache_key_includes_the_tokenizer_and_its_chat_template(tmp_path, tiny_tokenizer):
@@ -175,8 +176,8 @@ def test_short_sft_run_teaches_the_answers_it_trained_on(tmp_path, tiny_tokenize
     trained = [c for n, c in enumerate(convs, 1) if n not in held_out]
     assert len(trained) == len(convs) - 1
     expected = [c[-1]["content"] + "<|im_end|>" for c in trained]
-    before = greedy_answers(modern_llm.load_model(init).eval(), tiny_tokenizer, trained)
-    after = greedy_answers(modern_llm.load_model(tmp_path / "out").eval(), tiny_tokenizer, trained)
+    before = greedy_answers(checkpoint.load_model(init).eval(), tiny_tokenizer, trained)
+    after = greedy_answers(checkpoint.load_model(tmp_path / "out").eval(), tiny_tokenizer, trained)
     assert not set(before) & set(expected)
     assert after == expected
 

@@ -11,7 +11,8 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-import modern_llm
+import checkpoint
+import cli
 import text_generator as tg
 from conftest import ROOT, make_checkpoint
 
@@ -37,14 +38,14 @@ def sharp_checkpoint(tmp_path_factory, tiny_tokenizer):
     """A tiny random model with weights x10: its logits are far apart, so greedy choices are not near-ties
     that float rounding could flip, and it writes varied tokens instead of repeating one."""
     path = make_checkpoint(tmp_path_factory.mktemp("sharp") / "ckpt", tiny_tokenizer, seed=0)
-    model = modern_llm.load_model(path)
+    model = checkpoint.load_model(path)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if not name.endswith("norm.weight"):
                 p.mul_(10)
     ids = {"bos_id": tiny_tokenizer.bos_token_id, "eos_id": tiny_tokenizer.eos_token_id,
            "pad_id": tiny_tokenizer.pad_token_id}
-    return modern_llm.save_checkpoint(model, path, extra=tiny_tokenizer.save_pretrained, token_ids=ids)
+    return checkpoint.save_checkpoint(model, path, extra=tiny_tokenizer.save_pretrained, token_ids=ids)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +152,7 @@ def test_cancel_ends_one_row_and_context_limits(engine, prompts):
 
 @pytest.mark.parametrize("prompt, message", [([], "empty"), ([5] * 128, "context"), ([5, 10**6], "token ids")])
 def test_bad_prompts(engine, prompt, message):
-    with pytest.raises(modern_llm.UserError, match=message):
+    with pytest.raises(cli.UserError, match=message):
         next(engine.stream([prompt], [GREEDY]))
 
 
@@ -159,7 +160,7 @@ def test_bad_prompts(engine, prompt, message):
                                           ("min_p", 2.0), ("repetition_penalty", 0.0), ("max_new_tokens", 0),
                                           ("presence_penalty", 3.0), ("stop", [""])])
 def test_bad_sampling_params(field, value):
-    with pytest.raises(modern_llm.UserError, match=field):
+    with pytest.raises(cli.UserError, match=field):
         tg.SamplingParams(**{field: value}).validate()
 
 
@@ -257,21 +258,21 @@ def test_int8_close_to_fp32_and_its_checkpoint_round_trips(engine, tiny_checkpoi
     # ~4x what per-channel rounding gives here (each weight moves by at most half a step, 0.4% of its row's max)
     seq = torch.tensor([prompts[3] * 3])
     with torch.no_grad():
-        model = modern_llm.load_model(tiny_checkpoint)
+        model = checkpoint.load_model(tiny_checkpoint)
         ref = model(seq)
-        assert (modern_llm.quantize_int8(model)(seq) - ref).abs().max() <= 0.01 * ref.abs().max()
+        assert (checkpoint.quantize_int8(model)(seq) - ref).abs().max() <= 0.01 * ref.abs().max()
     # greedy choices: the sharp model (x10 weights amplifies any error) along its own fp32 greedy text
-    model = modern_llm.load_model(sharp_checkpoint)
+    model = checkpoint.load_model(sharp_checkpoint)
     seq = torch.tensor([prompts[0] + engine.generate(prompts[:1], [tg.SamplingParams(64, temperature=0)])[0].token_ids])
     with torch.no_grad():
         ref = model(seq)
-        int8 = modern_llm.quantize_int8(model)
+        int8 = checkpoint.quantize_int8(model)
         out = int8(seq)
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.85  # measured ~0.93
-    path = modern_llm.save_int8_checkpoint(int8, tmp_path / "int8", extra=engine.tokenizer.save_pretrained)
+    path = checkpoint.save_int8_checkpoint(int8, tmp_path / "int8", extra=engine.tokenizer.save_pretrained)
     assert json.loads((path / "config.json").read_text())["quantization_config"]["quant_method"] == "int8_weight_only"
-    loaded = modern_llm.load_model(path)
-    assert modern_llm.is_int8(loaded) and loaded.model.layers[0].mlp.up_proj.weight.dtype == torch.int8
+    loaded = checkpoint.load_model(path)
+    assert checkpoint.is_int8(loaded) and loaded.model.layers[0].mlp.up_proj.weight.dtype == torch.int8
     with torch.no_grad():
         assert torch.equal(loaded(seq), out)
     fp32 = engine.generate(prompts, [GREEDY] * len(prompts))
@@ -288,9 +289,9 @@ def test_unknown_quantization_is_refused(sharp_checkpoint, tmp_path):
     cfg = json.loads((tmp_path / "c" / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "gptq"}
     (tmp_path / "c" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(modern_llm.CheckpointError, match="gptq"):
-        modern_llm.load_model(tmp_path / "c")
-    with pytest.raises(modern_llm.UserError, match="int4"):
+    with pytest.raises(checkpoint.CheckpointError, match="gptq"):
+        checkpoint.load_model(tmp_path / "c")
+    with pytest.raises(cli.UserError, match="int4"):
         tg.Engine(sharp_checkpoint, device="cpu", quantize="int4")
 
 
@@ -321,7 +322,7 @@ def test_cli_errors(sharp_checkpoint, flags, message):
     argv = ([] if any(f.startswith("--checkpoint") for f in flags) else [f"--checkpoint={sharp_checkpoint}"]) + flags
     if "--prompt= " not in flags:
         argv.append("--prompt=To")
-    with pytest.raises(modern_llm.UserError, match=message):
+    with pytest.raises(cli.UserError, match=message):
         tg.main(argv)
 
 

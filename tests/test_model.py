@@ -7,6 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+import checkpoint
+import cli
 import modern_llm as ml
 
 GQA = dict(vocab_size=300, n_layer=2, d_model=64, n_head=4, n_kv_head=2, head_dim=16, ffn_hidden=160, max_seq_len=64)
@@ -24,7 +26,7 @@ def test_our_checkpoint_loads_in_transformers_with_same_logits(tmp_path, shape):
     torch.manual_seed(0)
     cfg = ml.ModelConfig(**shape)
     ours = ml.LLM(cfg).eval()
-    ml.save_checkpoint(ours, tmp_path / "ckpt")
+    checkpoint.save_checkpoint(ours, tmp_path / "ckpt")
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
     assert type(theirs).__name__ == "LlamaForCausalLM"
     x = random_ids(cfg)
@@ -47,12 +49,12 @@ def test_transformers_checkpoint_loads_here_with_same_logits(tmp_path, shape):
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
     theirs.save_pretrained(tmp_path / "hf")
-    ours = ml.load_model(tmp_path / "hf").eval()
+    ours = checkpoint.load_model(tmp_path / "hf").eval()
     x = random_ids(ours.cfg)
     with torch.no_grad():
         assert (ours(x) - theirs(x).logits).abs().max().item() <= 1e-5
     # and back again: our save of their weights is read by transformers with the same logits
-    ml.save_checkpoint(ours, tmp_path / "again")
+    checkpoint.save_checkpoint(ours, tmp_path / "again")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "again", dtype=torch.float32).eval()
     with torch.no_grad():
         assert (again(x).logits - theirs(x).logits).abs().max().item() <= 1e-5
@@ -64,12 +66,12 @@ def test_qk_norm_checkpoint_is_a_qwen3_directory(tmp_path):
     ours = ml.LLM(cfg).eval()
     with torch.no_grad():
         ours.model.layers[0].self_attn.q_norm.weight.uniform_(0.5, 1.5)
-    ml.save_checkpoint(ours, tmp_path / "ckpt")
+    checkpoint.save_checkpoint(ours, tmp_path / "ckpt")
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
     x = random_ids(cfg)
     with torch.no_grad():
         assert (ours(x) - theirs(x).logits).abs().max().item() <= 1e-5
-    assert ml.load_model(tmp_path / "ckpt").cfg.qk_norm
+    assert checkpoint.load_model(tmp_path / "ckpt").cfg.qk_norm
 
 
 def test_llama3_rope_scaling_matches_transformers(tmp_path):
@@ -81,7 +83,7 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path):
                          rope_theta=500000.0, rope_scaling=scaling)
     theirs = LlamaForCausalLM(hf_cfg).eval()
     theirs.save_pretrained(tmp_path / "hf")
-    ours = ml.load_model(tmp_path / "hf").eval()
+    ours = checkpoint.load_model(tmp_path / "hf").eval()
     assert ours.cfg.rope_scaling["rope_type"] == "llama3"
     x = random_ids(ours.cfg, length=60)
     with torch.no_grad():
@@ -164,12 +166,12 @@ def test_memory_estimate_responds_to_the_knobs():
 @pytest.fixture
 def saved(tmp_path):
     torch.manual_seed(0)
-    return ml.save_checkpoint(ml.LLM(ml.ModelConfig(**GQA)), tmp_path / "ckpt")
+    return checkpoint.save_checkpoint(ml.LLM(ml.ModelConfig(**GQA)), tmp_path / "ckpt")
 
 
 def one_line_error(path):
-    with pytest.raises(ml.CheckpointError) as e:
-        ml.load_model(path)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.load_model(path)
     assert "\n" not in str(e.value)
     return str(e.value)
 
@@ -224,16 +226,16 @@ def test_sharded_checkpoint_and_missing_shard(tmp_path):
     assert len(shards) > 1
     x = random_ids(ml.ModelConfig(**GQA))
     with torch.no_grad():
-        assert (ml.load_model(tmp_path / "hf")(x) - theirs(x).logits).abs().max() <= 1e-5
+        assert (checkpoint.load_model(tmp_path / "hf")(x) - theirs(x).logits).abs().max() <= 1e-5
     shards[0].unlink()
     assert shards[0].name in one_line_error(tmp_path / "hf")
 
 
 def test_save_replaces_atomically_and_leaves_no_temp_dirs(tmp_path, saved):
-    model = ml.load_model(saved)
+    model = checkpoint.load_model(saved)
     with pytest.raises(RuntimeError):
-        ml.save_checkpoint(model, saved, extra=lambda d: (_ for _ in ()).throw(RuntimeError("disk full")))
-    assert ml.load_model(saved) is not None  # the old checkpoint is intact
+        checkpoint.save_checkpoint(model, saved, extra=lambda d: (_ for _ in ()).throw(RuntimeError("disk full")))
+    assert checkpoint.load_model(saved) is not None  # the old checkpoint is intact
     assert [p.name for p in saved.parent.iterdir()] == ["ckpt"]  # the temporary directory was removed
 
 
@@ -242,16 +244,16 @@ def test_resolve_checkpoint_picks_newest_step(tmp_path):
     model = ml.LLM(ml.ModelConfig(**GQA))
 
     def state(step):
-        return lambda d: (d / ml.STATE_FILE).write_text(json.dumps({"global_step": step}))
+        return lambda d: (d / checkpoint.STATE_FILE).write_text(json.dumps({"global_step": step}))
 
     for step in (10, 20):
-        ml.save_checkpoint(model, tmp_path / f"checkpoint-{step}", extra=state(step))
+        checkpoint.save_checkpoint(model, tmp_path / f"checkpoint-{step}", extra=state(step))
     (tmp_path / ".checkpoint-30.tmp-x").mkdir()  # a half-written one is ignored
-    assert ml.resolve_checkpoint(tmp_path) == tmp_path / "checkpoint-20"
-    ml.save_checkpoint(model, tmp_path, extra=state(20))  # the final model at OUT_DIR itself
-    assert ml.resolve_checkpoint(tmp_path) == tmp_path
-    ml.save_checkpoint(model, tmp_path / "checkpoint-40", extra=state(40))  # resumed and trained further
-    assert ml.resolve_checkpoint(tmp_path) == tmp_path / "checkpoint-40"
+    assert checkpoint.resolve_checkpoint(tmp_path) == tmp_path / "checkpoint-20"
+    checkpoint.save_checkpoint(model, tmp_path, extra=state(20))  # the final model at OUT_DIR itself
+    assert checkpoint.resolve_checkpoint(tmp_path) == tmp_path
+    checkpoint.save_checkpoint(model, tmp_path / "checkpoint-40", extra=state(40))  # resumed and trained further
+    assert checkpoint.resolve_checkpoint(tmp_path) == tmp_path / "checkpoint-40"
 
 
 # -- the command-line convention -----------------------------------------------------------------------------
@@ -260,7 +262,7 @@ DEFAULTS = {"MAX_STEPS": 100, "LR": 3e-4, "COMPILE": True, "OUT_DIR": "out", "PR
 
 
 def test_flags_override_with_types():
-    cfg, given = ml.parse_flags(DEFAULTS, ["--max_steps=5", "--lr", "1e-3", "--compile=false", "--prompt=a",
+    cfg, given = cli.parse_flags(DEFAULTS, ["--max_steps=5", "--lr", "1e-3", "--compile=false", "--prompt=a",
                                            "--prompt=b", "--tokenizer=gpt2"])
     assert cfg == {"max_steps": 5, "lr": 1e-3, "compile": False, "out_dir": "out", "prompt": ["a", "b"],
                    "tokenizer": "gpt2"}
@@ -276,18 +278,18 @@ def test_flags_override_with_types():
     (["--out_dir"], "needs a value"),
 ])
 def test_bad_flags_are_one_line_user_errors(argv, words):
-    with pytest.raises(ml.UserError) as e:
-        ml.parse_flags(DEFAULTS, argv)
+    with pytest.raises(cli.UserError) as e:
+        cli.parse_flags(DEFAULTS, argv)
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
 def test_help_lists_constants_with_their_comments(tmp_path, capsys):
     script = tmp_path / "script.py"
     script.write_text('MAX_STEPS = 7  # how long to train\nLR: float = 3e-4  # peak learning rate\n')
-    constants = {}
+    constants = {"__file__": str(script)}
     exec(script.read_text(), constants)
     with pytest.raises(SystemExit) as e:
-        ml.parse_flags(ml.script_constants(constants), ["--help"], str(script))
+        cli.parse_flags(cli.settings_block(constants), ["--help"], str(script))
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--max_steps=7" in out and "how long to train" in out and "peak learning rate" in out

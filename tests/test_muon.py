@@ -12,8 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import modern_llm
+import benchmarks.muon as muon_bench
 import muon_optimizer as mo
-from modern_llm import UserError
+from cli import UserError
 
 
 def polar(m: torch.Tensor) -> torch.Tensor:
@@ -170,7 +171,7 @@ def distributed_worker(rank: int, world: int, tmp: str) -> None:
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)  # gloo can abort at interpreter exit after the work is done (NOTES.md); skip that exit
+    os._exit(code)  # gloo can abort at interpreter exit after the work is done; skip that exit
 
 
 def test_two_gloo_processes_give_the_same_parameters_as_one(tmp_path):
@@ -288,10 +289,10 @@ def test_bad_settings_raise_one_clear_error(make):
 
 def test_steps_to_reach_interpolates_between_evaluations():
     curve = [(0, 9.0), (10, 7.0), (20, 6.0), (30, 5.5)]
-    assert mo.steps_to_reach(curve, 6.5) == pytest.approx(15.0)
-    assert mo.steps_to_reach(curve, 6.0) == pytest.approx(20.0)
-    assert mo.steps_to_reach(curve, 9.5) == 0
-    assert mo.steps_to_reach(curve, 5.0) is None
+    assert muon_bench.steps_to_reach(curve, 6.5) == pytest.approx(15.0)
+    assert muon_bench.steps_to_reach(curve, 6.0) == pytest.approx(20.0)
+    assert muon_bench.steps_to_reach(curve, 9.5) == 0
+    assert muon_bench.steps_to_reach(curve, 5.0) is None
 
 
 def test_report_compares_the_best_runs_and_draws_them(tmp_path):
@@ -301,7 +302,7 @@ def test_report_compares_the_best_runs_and_draws_them(tmp_path):
                 "optimizer_ms": ms / 4}
     runs = [run("adamw", 1e-3, [9, 7, 6.0], 100), run("adamw", 3e-3, [9, 6.5, 5.5], 100),
             run("muon", 1e-3, [9, 6.0, 5.0], 150), run("muon", 3e-3, [9, 8, 7.0], 150)]
-    text = mo.report(runs, tmp_path)
+    text = muon_bench.report(runs, tmp_path)
     assert "target = AdamW's final val loss 5.5000" in text
     assert "0.75x the steps (1.33x token efficiency)" in text  # muon reaches 5.5 at step 15 of 20
     assert "1.50x AdamW's" in text
@@ -315,4 +316,4 @@ def test_report_compares_the_best_runs_and_draws_them(tmp_path):
 ])
 def test_benchmark_refuses_bad_flags_before_any_work(argv, message):
     with pytest.raises(UserError, match=message):
-        mo.main(argv)
+        muon_bench.main(argv)

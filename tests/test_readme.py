@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
+import corpora
 from conftest import ROOT, SAMPLE_TEXT, make_checkpoint
 
 SCRIPTS = sorted(p for p in ROOT.glob("*.py"))
@@ -169,7 +170,7 @@ def flag(flags: list[str], name: str) -> str | None:
 
 
 def newest_step(run: Path) -> int:
-    from modern_llm import list_checkpoints
+    from checkpoint import list_checkpoints
 
     return int(list_checkpoints(run)[-1].name.rpartition("-")[2])
 
@@ -211,7 +212,6 @@ class Workdir:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_tokenizer):
     """The files the README's commands name, each tiny; `out` is a trained tiny run, as after the default run."""
-    import prepare_data
 
     path = tmp_path_factory.mktemp("readme")
     corpus = "\n\n".join(SAMPLE_TEXT)
@@ -230,7 +230,7 @@ def workdir(tmp_path_factory, tiny_tokenizer):
     make_checkpoint(path / "SmolLM2-135M-Instruct", tiny_tokenizer, max_seq_len=64)  # a local Llama folder
     mp = pytest.MonkeyPatch()
     # the built-in corpus (2 MB; ~25 s to tokenize here) becomes the tiny one, in-process
-    mp.setattr(prepare_data, "builtin_documents", lambda: tuple(SAMPLE_TEXT))
+    mp.setattr(corpora, "builtin_documents", lambda: tuple(SAMPLE_TEXT))
     mp.chdir(path)
     work = Workdir(path)
     run_python("gpu_training_optimized.py", with_sizes(["--out_dir=out"], SIZES["gpu_training_optimized.py"]))

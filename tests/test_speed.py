@@ -12,7 +12,7 @@ from torch.nn.attention import SDPBackend
 
 import speed_optimizations_2025 as speed
 from conftest import ROOT
-from modern_llm import UserError
+from cli import UserError
 
 # Rows that must carry figures on a CPU, and rows that must instead say why they do not apply there.
 MEASURED_ON_CPU = ["baseline", "bf16", "compile", "fused-adamw", "muon", "sdpa-flash", "sdpa-math", "checkpointing",

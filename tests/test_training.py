@@ -17,9 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
+import cli
 import gpu_training_optimized as train
 import modern_llm
 import prepare_data
+import training_state
 from conftest import ROOT
 
 VOCAB = 512
@@ -96,12 +99,12 @@ def test_final_model_is_a_hugging_face_directory(trained_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     assert not any("_orig_mod" in k for k in load_file(trained_run / "model.safetensors"))
-    ours = modern_llm.load_model(trained_run)
+    ours = checkpoint.load_model(trained_run)
     theirs = AutoModelForCausalLM.from_pretrained(trained_run)
     tok = AutoTokenizer.from_pretrained(trained_run)
     ids = torch.tensor([tok.encode("def add(a, b):\n    return a + b")])
     torch.testing.assert_close(theirs(ids).logits, ours(ids), atol=1e-4, rtol=1e-4)
-    names = sorted(p.name for p in modern_llm.list_checkpoints(trained_run))
+    names = sorted(p.name for p in checkpoint.list_checkpoints(trained_run))
     assert names == ["checkpoint-100", "checkpoint-50"]  # KEEP_CHECKPOINTS=2
 
 
@@ -110,7 +113,7 @@ def test_resume_is_bit_exact(data_root, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert train.main(flags(data_root, straight, *common)) == 0
     assert train.main(flags(data_root, split, *common, "--stop_after=10")) == 0
-    assert modern_llm.checkpoint_step(modern_llm.list_checkpoints(split)[-1]) == 10
+    assert checkpoint.checkpoint_step(checkpoint.list_checkpoints(split)[-1]) == 10
     assert train.main(flags(data_root, split, *common, "--resume=auto")) == 0
     a, b = load_file(straight / "model.safetensors"), load_file(split / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -181,17 +184,17 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 
 def newest(out):
-    found = modern_llm.list_checkpoints(out) if out.is_dir() else []
+    found = checkpoint.list_checkpoints(out) if out.is_dir() else []
     return found[-1] if found else None
 
 
 def assert_loadable(ckpt) -> int:
     """A complete checkpoint: weights, config, tokenizer and training state all read back."""
-    modern_llm.load_model(ckpt)
+    checkpoint.load_model(ckpt)
     prepare_data.load_tokenizer(ckpt)
-    state = torch.load(ckpt / train.TRAINING_STATE, weights_only=True)
+    state = torch.load(ckpt / training_state.TRAINING_STATE, weights_only=True)
     assert {"optimizer", "scaler", "rng"} <= state.keys()
-    return modern_llm.checkpoint_step(ckpt)
+    return checkpoint.checkpoint_step(ckpt)
 
 
 @pytest.mark.slow
@@ -202,7 +205,7 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint_and_sigterm_saves(da
     steps = [0]
     for _ in range(3):  # saves happen every step, so kills land in the middle of saves and prunes too
         proc = start(data_root, out, *run)
-        wait_for(lambda: newest(out) and modern_llm.checkpoint_step(newest(out)) > steps[-1], proc)
+        wait_for(lambda: newest(out) and checkpoint.checkpoint_step(newest(out)) > steps[-1], proc)
         time.sleep(rng.uniform(0.0, 1.5))
         proc.kill()
         proc.wait()
@@ -220,7 +223,7 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint_and_sigterm_saves(da
     assert [s for s, _ in losses(out)] == list(range(1, last + 1))  # no step lost or logged twice
 
     assert train.main(flags(data_root, out, *run, f"--max_steps={last + 2}")) == 0
-    assert modern_llm.checkpoint_step(modern_llm.resolve_checkpoint(out)) == last + 2
+    assert checkpoint.checkpoint_step(checkpoint.resolve_checkpoint(out)) == last + 2
 
 
 BAD_INPUTS = {  # flags -> a piece of the one-line error
@@ -242,7 +245,7 @@ def test_bad_input_is_one_line_exit_2_and_out_dir_untouched(case, trained_run, d
     extra = [e.format(run=trained_run, foreign=tiny_checkpoint) for e in extra]
     before = snapshot(trained_run)
     with pytest.raises(SystemExit) as exit:
-        modern_llm.run_main(train.main, flags(data_root, trained_run, "--resume=auto", *extra))
+        cli.run_main(train.main, flags(data_root, trained_run, "--resume=auto", *extra))
     err = capsys.readouterr().err.strip()
     assert exit.value.code == 2
     assert err.startswith("error: ") and "\n" not in err and expected in err, err
@@ -267,10 +270,10 @@ def test_reference_preset_fits_12_gib_only_with_activation_checkpointing(monkeyp
     train.plan_memory(cfg, set(), model_cfg, *where)
     assert cfg["activation_checkpointing"] is True  # predicted 13 GiB without, 10.4 GiB with
     cfg["activation_checkpointing"] = False
-    with pytest.raises(modern_llm.UserError, match="--activation_checkpointing=true"):
+    with pytest.raises(cli.UserError, match="--activation_checkpointing=true"):
         train.plan_memory(cfg, {"activation_checkpointing"}, model_cfg, *where)
     cfg["batch_size"] = 64
-    with pytest.raises(modern_llm.UserError, match="lower --batch_size"):
+    with pytest.raises(cli.UserError, match="lower --batch_size"):
         train.plan_memory(cfg, set(), model_cfg, *where)
 
 
@@ -307,6 +310,6 @@ def test_pruning_keeps_the_newest_and_the_best(tmp_path):
         ckpt.mkdir()
         (ckpt / "config.json").write_text("{}")
         (ckpt / "model.safetensors").write_bytes(b"")
-        (ckpt / modern_llm.STATE_FILE).write_text(json.dumps({"global_step": step, "val_loss": val_loss}))
+        (ckpt / checkpoint.STATE_FILE).write_text(json.dumps({"global_step": step, "val_loss": val_loss}))
     train.prune_checkpoints(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-20", "checkpoint-40", "checkpoint-50"]
