@@ -64,7 +64,7 @@ MAX_QUEUE = 64  # most requests waiting for a place in the batch; one more answe
 SCHEDULER = "continuous"  # continuous: requests join the running batch; static: they wait for it to end (the old way)
 BATCH_WINDOW_MS = 20  # static scheduler: how long the first request of a batch waits for others to join it
 MAX_REQUEST_BYTES = 1_000_000  # a larger request body answers 413
-MAX_HEADER_BYTES = 16_384  # larger request headers answer 400
+MAX_HEADER_BYTES = 16_384  # larger request headers answer 431
 HEADER_TIMEOUT_S = 10.0  # a connection that has not sent its request headers within this is closed
 BODY_TIMEOUT_S = 30.0  # a request body that has not fully arrived within this answers 408
 KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this many seconds
@@ -446,13 +446,15 @@ def create_app(engine, model_name: str, api_key: str = "", max_batch_size: int =
 
 
 class TimedH11Protocol(H11Protocol):
-    """uvicorn's h11 connection with a deadline for each request's headers: uvicorn closes idle keep-alive
-    connections, but would wait forever for headers that trickle in a byte at a time (slow loris)."""
+    """uvicorn's h11 connection with a deadline and a size limit for each request's headers: uvicorn closes idle
+    keep-alive connections, but would wait forever for headers that trickle in a byte at a time (slow loris),
+    and h11 bounds only headers that arrive in pieces."""
 
-    def __init__(self, *args, header_timeout_s: float, **kwargs):
+    def __init__(self, *args, header_timeout_s: float, max_header_bytes: int, **kwargs):
         super().__init__(*args, **kwargs)
-        self.header_timeout_s = header_timeout_s
+        self.header_timeout_s, self.max_header_bytes = header_timeout_s, max_header_bytes
         self.header_deadline: asyncio.TimerHandle | None = None
+        self.head = bytearray()  # what has arrived of the next request's headers
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -463,9 +465,21 @@ class TimedH11Protocol(H11Protocol):
         self.await_headers()
 
     def data_received(self, data: bytes) -> None:
+        if not self.in_request():
+            self.head += data
+            end = self.head.find(b"\r\n\r\n")
+            if end > self.max_header_bytes or (end < 0 and len(self.head) > self.max_header_bytes):
+                message = f"request headers over {self.max_header_bytes} bytes".encode()
+                self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\n"
+                                     b"content-type: text/plain\r\ncontent-length: %d\r\n\r\n%s"
+                                     % (len(message), message))
+                self.transport.close()
+                return
         super().data_received(data)
-        if self.in_request() and self.header_deadline:  # the headers are in; the body has its own timeout
-            self.header_deadline.cancel()
+        if self.in_request():  # the headers are in; the body has its own timeout
+            self.head.clear()
+            if self.header_deadline:
+                self.header_deadline.cancel()
 
     def connection_lost(self, exc) -> None:
         if self.header_deadline:
@@ -488,7 +502,8 @@ class TimedH11Protocol(H11Protocol):
 def server_config(app, log_level: str = "warning", max_connections: int = MAX_CONNECTIONS,
                   header_timeout_s: float = HEADER_TIMEOUT_S, keep_alive_s: int = KEEP_ALIVE_S,
                   max_header_bytes: int = MAX_HEADER_BYTES) -> uvicorn.Config:
-    protocol = functools.partial(TimedH11Protocol, header_timeout_s=header_timeout_s)
+    protocol = functools.partial(TimedH11Protocol, header_timeout_s=header_timeout_s,
+                                 max_header_bytes=max_header_bytes)
     return uvicorn.Config(app, http=protocol, log_level=log_level, limit_concurrency=max_connections,
                           timeout_keep_alive=keep_alive_s, h11_max_incomplete_event_size=max_header_bytes,
                           timeout_graceful_shutdown=2)

@@ -1,6 +1,7 @@
 """serve.py over real HTTP on loopback: the official openai client, batching, disconnects, bad requests."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -429,19 +430,59 @@ def test_server_keeps_serving_after_bad_requests(client):
     assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).usage.completion_tokens >= 1
 
 
-def test_cli_serves_and_a_taken_port_is_a_clear_error(tiny_checkpoint):
+def test_cli_serves_with_a_key_from_the_environment_never_printed(tiny_checkpoint):
+    key = "sk-from-the-environment-1234"
+    env = dict(os.environ, MODERN_LLM_API_KEY=key)
     proc = subprocess.Popen([sys.executable, serve.__file__, f"--checkpoint={tiny_checkpoint}", "--port=0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         line = proc.stdout.readline()
         assert line.startswith("serving tiny at http://127.0.0.1:"), line
         base = line.split()[3]  # http://127.0.0.1:PORT/v1
         assert httpx.get(base.removesuffix("/v1") + "/health", timeout=30).json()["status"] == "ok"
-        r = httpx.post(base + "/completions", json={"prompt": "Hello", "max_tokens": 3}, timeout=30)
+        body = {"prompt": "Hello", "max_tokens": 3}
+        assert httpx.post(base + "/completions", json=body, timeout=30).status_code == 401
+        r = httpx.post(base + "/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
         port = int(base.rsplit(":", 1)[1].removesuffix("/v1"))
         with pytest.raises(serve.UserError, match=f"cannot listen on 127.0.0.1:{port}.*--port={port + 1}"):
             serve.main([f"--checkpoint={tiny_checkpoint}", f"--port={port}"])
     finally:
         proc.terminate()
-        proc.wait(10)
+        output = line + proc.communicate(timeout=10)[0]
+    assert key not in output
+
+
+def test_api_key_file_and_its_mistakes(tmp_path, monkeypatch):
+    cfg = {"api_key": "", "api_key_file": str(tmp_path / "key")}
+    (tmp_path / "key").write_text("sk-file\n")
+    monkeypatch.setenv(serve.API_KEY_ENV, "sk-env")
+    assert serve.read_api_key(cfg) == "sk-file"  # the file wins over the environment
+    assert serve.read_api_key({"api_key": "", "api_key_file": ""}) == "sk-env"
+    (tmp_path / "key").write_text("\n")
+    with pytest.raises(serve.UserError, match="is empty"):
+        serve.read_api_key(cfg)
+    with pytest.raises(serve.UserError, match="cannot read"):
+        serve.read_api_key({"api_key": "", "api_key_file": str(tmp_path / "missing")})
+    with pytest.raises(serve.UserError, match="not both"):
+        serve.read_api_key({"api_key": "x", "api_key_file": cfg["api_key_file"]})
+
+
+def test_a_negative_max_request_bytes_is_refused_at_start():
+    r = subprocess.run([sys.executable, serve.__file__, "--checkpoint=does-not-exist", "--max_request_bytes=-1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == "error: --max_request_bytes must be at least 1, got -1 (see README: Server)\n"
+
+
+@pytest.mark.parametrize("flag, words", [
+    ("--max_connections=10", "--max_connections=10 must exceed"),
+    ("--header_timeout_s=0", "--header_timeout_s must be more than 0"),
+    ("--body_timeout_s=-1", "--body_timeout_s must be more than 0"),
+    ("--scheduler=fifo", "--scheduler must be continuous or static"),
+    ("--allowed_origins=evil.example/page", "an origin looks like"),
+    ("--max_queue=0", "--max_queue must be at least 1"),
+])
+def test_nonsense_server_flags_are_refused_before_loading(flag, words):
+    with pytest.raises(serve.UserError, match=words.replace("+", r"\+")):
+        serve.main(["--checkpoint=does-not-exist", flag])
