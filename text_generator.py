@@ -48,6 +48,9 @@ BENCHMARK = False  # measure decode tokens/s against transformers' generate and 
 _FLAG_DEFAULTS = settings_block(globals())  # the settings above are the flags
 
 END_OF_TURN = "<|im_end|>"  # the chat template's end-of-turn token: a reply stops there as at EOS
+# A step where rows join runs their prompt tokens and the running rows' tokens as one forward pass when
+# (inputs x cache slots read) stays under this: each input then reads a copy of its row's cache.
+PACKED_STEP_SLOTS = 65_536
 
 
 # -----------------------------------------------------------------------------
@@ -367,22 +370,39 @@ class Engine:
             self._decode = torch.compile(self._decode_step, dynamic=False)
 
     # -- the model steps ---------------------------------------------------------------------------------------
-    def _decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, rows: int) -> torch.Tensor:
-        """One token per row (B, 1) at its own position pos (B, 1), for cache rows 0..rows-1; the logits (B, V).
-        A row sees its cache slots up to its position. Fixed shapes for a number of rows: compilable."""
-        keys = torch.arange(self.model.cache_len, device=tokens.device)
-        mask = (keys <= pos)[:, None, None]
-        return self.model(tokens, pos=pos, slots=pos, mask=mask, rows=slice(0, rows)).float()[:, -1]
+    def span(self, positions: int) -> int:
+        """Cache slots attention reads for rows up to `positions` long: rounded up to a quarter of the context,
+        so a compiled decode step sees few distinct shapes, and a short row does not read the whole context."""
+        quarter = max(1, self.max_seq_len // 4)
+        return min(self.max_seq_len, -(-positions // quarter) * quarter)
+
+    def _decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, rows: int, span: int) -> torch.Tensor:
+        """One token per row (B, 1) at its own position pos (B, 1), for cache rows 0..rows-1 reading their first
+        `span` slots; the logits (B, V). A row sees its slots up to its position. Fixed shapes: compilable."""
+        mask = (torch.arange(span, device=tokens.device) <= pos)[:, None, None]
+        return self.model(tokens, pos=pos, slots=pos, mask=mask, view=(slice(0, rows), span)).float()[:, -1]
+
+    def _packed_step(self, tokens: list[int], pos: list[int], rows: list[int], span: int) -> torch.Tensor:
+        """One forward pass over inputs of one token each, every input with its own position and cache row
+        (several may share a row: the tokens of a prompt); their logits (N, V). A row that joins then costs
+        no forward pass of its own, which matters where each pass has a high fixed cost (CPUs, small models)."""
+        t = torch.tensor(tokens, device=self.device)[:, None]
+        p = torch.tensor(pos, device=self.device)[:, None]
+        mask = (torch.arange(span, device=self.device) <= p)[:, None, None]
+        view = (torch.tensor(rows, device=self.device), span)
+        return self.model(t, pos=p, slots=p, mask=mask, view=view).float()[:, -1]
 
     def _prefill(self, prompts: list[list[int]], first_row: int) -> torch.Tensor:
         """Run prompts through the model once, into cache rows first_row.., right-padded: every row starts at
         slot 0 and position 0, as it would alone (the padding's slots are overwritten before any row sees them).
         The logits of each prompt's last token (B, V)."""
-        P = max(map(len, prompts))
+        B, P = len(prompts), max(map(len, prompts))
         idx = torch.tensor([x + [self.pad_id] * (P - len(x)) for x in prompts], device=self.device)
-        logits = self.model(idx, pos=torch.arange(P, device=self.device), rows=slice(first_row, first_row + len(idx)))
+        slots = torch.arange(P, device=self.device)
+        causal = slots <= slots[:, None]
+        logits = self.model(idx, pos=slots, mask=causal, view=(slice(first_row, first_row + B), P))
         last = torch.tensor([len(x) - 1 for x in prompts], device=self.device)
-        return logits[torch.arange(len(prompts), device=self.device), last].float()
+        return logits[torch.arange(B, device=self.device), last].float()
 
     # -- the public API ----------------------------------------------------------------------------------------
     def check_prompt(self, prompt: list[int]) -> None:
@@ -509,14 +529,7 @@ class Batch:
         if not self.rows:
             return events
         with torch.inference_mode():
-            logits = []
-            if running:
-                tokens = torch.tensor([[r.token] for r in self.rows[:running]], device=self.engine.device)
-                pos = torch.tensor([[r.pos] for r in self.rows[:running]], device=self.engine.device)
-                logits.append(self.engine._decode(tokens, pos, running))
-            if joining:
-                logits.append(self.engine._prefill([r.prompt for r in joining], running))
-            tokens = self.sampler(torch.cat(logits))
+            tokens = self.sampler(self.logits(running, joining))
             self.sampler.update(tokens)
         ended = []
         for i, (row, token) in enumerate(zip(self.rows, tokens.tolist())):
@@ -527,6 +540,30 @@ class Batch:
         for i in reversed(ended):
             self.remove(i)
         return events
+
+    def logits(self, running: int, joining: list[Row]) -> torch.Tensor:
+        """The next-token logits of every row: the running rows (0..running-1) feed their last token, the
+        joining ones their prompt. One forward pass for all when small enough (see PACKED_STEP_SLOTS); else
+        a decode step on a view of the cache and a prefill of the joining rows."""
+        engine, old = self.engine, self.rows[:running]
+        inputs = [(r.token, r.pos, i) for i, r in enumerate(old)]
+        ends = list(range(running))  # the input whose logits each row samples from
+        for j, row in enumerate(joining):
+            inputs += [(t, p, running + j) for p, t in enumerate(row.prompt)]
+            ends.append(len(inputs) - 1)
+        span = engine.span(max(p for _, p, _ in inputs) + 1)
+        if joining and len(inputs) * span <= PACKED_STEP_SLOTS:
+            logits = engine._packed_step(*map(list, zip(*inputs)), span)
+            return logits[torch.tensor(ends, device=engine.device)]
+        logits = []
+        if running:
+            tokens = torch.tensor([[r.token] for r in old], device=engine.device)
+            pos = [[r.pos] for r in old]
+            span = engine.span(max(pos)[0] + 1)
+            logits.append(engine._decode(tokens, torch.tensor(pos, device=engine.device), running, span))
+        if joining:
+            logits.append(engine._prefill([r.prompt for r in joining], running))
+        return torch.cat(logits)
 
     def remove(self, i: int) -> None:
         """Row i leaves; the last row takes its place in the list, the cache and the sampler."""

@@ -13,6 +13,7 @@ import openai
 import pytest
 
 import serve
+import text_generator
 from text_generator import Engine, SamplingParams, chat_prompt_ids
 
 KEY = "sk-test"
@@ -193,9 +194,12 @@ def test_stop_string_ends_the_completion(client, engine):
     assert r.choices[0].text == full[:full.index(stop)]
 
 
-def test_rows_join_a_running_batch_and_get_what_they_would_alone(engine):
+@pytest.mark.parametrize("packed", [True, False], ids=["joiners-packed-into-the-step", "joiners-prefilled-apart"])
+def test_rows_join_a_running_batch_and_get_what_they_would_alone(engine, packed, monkeypatch):
     """The engine's Batch, stepped by hand: rows arrive at different steps, wait while the batch is full, are
     cancelled, have different lengths and sampling; every finished row has exactly the tokens it has alone."""
+    if not packed:
+        monkeypatch.setattr(text_generator, "PACKED_STEP_SLOTS", 0)
     enc = lambda text: serve.encode(engine.tokenizer, text)  # noqa: E731
     rows = {
         "greedy": (enc("Hello"), SamplingParams(max_new_tokens=30, temperature=0)),
