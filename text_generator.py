@@ -376,21 +376,14 @@ class Engine:
         quarter = max(1, self.max_seq_len // 4)
         return min(self.max_seq_len, -(-positions // quarter) * quarter)
 
-    def _decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, rows: int, span: int) -> torch.Tensor:
-        """One token per row (B, 1) at its own position pos (B, 1), for cache rows 0..rows-1 reading their first
-        `span` slots; the logits (B, V). A row sees its slots up to its position. Fixed shapes: compilable."""
+    def _decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, rows: slice | torch.Tensor,
+                     span: int) -> torch.Tensor:
+        """One token per input (B, 1), each at its own position pos (B, 1) in its own cache row: rows is a slice
+        of the cache's rows, or a tensor (B,) of row numbers that may repeat (a joining prompt's tokens packed
+        with the running rows' tokens into one pass, see Batch.logits). Reads the first `span` slots; the logits
+        (B, V). With a slice, the shapes are fixed for a number of rows and span: compilable."""
         mask = (torch.arange(span, device=tokens.device) <= pos)[:, None, None]
-        return self.model(tokens, pos=pos, slots=pos, mask=mask, view=(slice(0, rows), span)).float()[:, -1]
-
-    def _packed_step(self, tokens: list[int], pos: list[int], rows: list[int], span: int) -> torch.Tensor:
-        """One forward pass over inputs of one token each, every input with its own position and cache row
-        (several may share a row: the tokens of a prompt); their logits (N, V). A row that joins then costs
-        no forward pass of its own, which matters where each pass has a high fixed cost (CPUs, small models)."""
-        t = torch.tensor(tokens, device=self.device)[:, None]
-        p = torch.tensor(pos, device=self.device)[:, None]
-        mask = (torch.arange(span, device=self.device) <= p)[:, None, None]
-        view = (torch.tensor(rows, device=self.device), span)
-        return self.model(t, pos=p, slots=p, mask=mask, view=view).float()[:, -1]
+        return self.model(tokens, pos=pos, slots=pos, mask=mask, view=(rows, span)).float()[:, -1]
 
     def _prefill(self, prompts: list[list[int]], first_row: int) -> torch.Tensor:
         """Run prompts through the model once, into cache rows first_row.., right-padded: every row starts at
@@ -435,12 +428,9 @@ class Engine:
         if not 1 <= len(prompts) <= self.max_batch_size:
             raise UserError(f"{len(prompts)} prompts in one batch; this engine takes 1 to {self.max_batch_size}",
                             "Generation errors")
-        for prompt, p in zip(prompts, params):
-            self.check_prompt(prompt)
-            p.validate()
         with self.batch(len(prompts)) as batch:
             for row, (prompt, p) in enumerate(zip(prompts, params)):
-                batch.add(prompt, p, key=row)
+                batch.add(prompt, p, key=row)  # checks the prompt and the parameters
             while batch:
                 step: list[TokenEvent | None] = [None] * len(prompts)
                 for row, event in batch.step(cancelled or (lambda row: False)):
@@ -463,8 +453,6 @@ class Engine:
         return out
 
 
-
-
 @dataclass(eq=False)
 class Row:
     """A row of a Batch: who it answers (key), its answer so far, and what the next step feeds the model."""
@@ -475,8 +463,7 @@ class Row:
     token: int | None = None  # the last sampled token, fed to the model at the next step; None before prefill
 
     @property
-    def pos(self) -> int:
-        """The position (and cache slot) of `token`."""
+    def pos(self) -> int:  # the position (and cache slot) of `token`
         return len(self.prompt) + len(self.state.tokens) - 1
 
 
@@ -514,13 +501,12 @@ class Batch:
     def step(self, cancelled: Callable[[Any], bool] = lambda key: False) -> list[tuple[Any, TokenEvent]]:
         """One token for every row: the (key, TokenEvent) of each row, cancelled rows' last events included."""
         events = []
-        for i in reversed(range(len(self.rows))):
-            if cancelled(self.rows[i].key):
-                events.append((self.rows[i].key, self.rows[i].state.finish(None, "", "cancelled")))
-                self.remove(i)
-        for row in [r for r in self.joining if cancelled(r.key)]:
+        for row in [r for r in self.rows + self.joining if cancelled(r.key)]:
             events.append((row.key, row.state.finish(None, "", "cancelled")))
-            self.joining.remove(row)
+            if row in self.joining:
+                self.joining.remove(row)
+            else:
+                self.remove(self.rows.index(row))
         running, joining = len(self.rows), self.joining
         for row in joining:
             self.rows.append(row)
@@ -551,16 +537,14 @@ class Batch:
         for j, row in enumerate(joining):
             inputs += [(t, p, running + j) for p, t in enumerate(row.prompt)]
             ends.append(len(inputs) - 1)
-        span = engine.span(max(p for _, p, _ in inputs) + 1)
-        if joining and len(inputs) * span <= PACKED_STEP_SLOTS:
-            logits = engine._packed_step(*map(list, zip(*inputs)), span)
-            return logits[torch.tensor(ends, device=engine.device)]
+        tokens, pos, rows = (torch.tensor(column, device=engine.device) for column in zip(*inputs))
+        span = engine.span(int(pos.max()) + 1)
+        if joining and len(inputs) * span <= PACKED_STEP_SLOTS:  # one pass; each input reads a copy of its row
+            return engine._decode_step(tokens[:, None], pos[:, None], rows, span)[torch.tensor(ends, device=engine.device)]
         logits = []
         if running:
-            tokens = torch.tensor([[r.token] for r in old], device=engine.device)
-            pos = [[r.pos] for r in old]
-            span = engine.span(max(pos)[0] + 1)
-            logits.append(engine._decode(tokens, torch.tensor(pos, device=engine.device), running, span))
+            span = engine.span(int(pos[:running].max()) + 1)
+            logits.append(engine._decode(tokens[:running, None], pos[:running, None], slice(0, running), span))
         if joining:
             logits.append(engine._prefill([r.prompt for r in joining], running))
         return torch.cat(logits)

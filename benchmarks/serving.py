@@ -1,5 +1,6 @@
 """
-Serving under load: streaming clients over real HTTP on a free loopback port, arriving ARRIVAL_MS apart, each
+Serving under load: `serve.py` in its own process on a free loopback port, and streaming clients (threads of
+this process, sharing one HTTP connection pool) arriving ARRIVAL_MS apart, each
 sending REQUESTS_PER_CLIENT requests one after another, at 1, 4, 16 and 64 concurrent clients. The static
 scheduler (a batch runs until its last row ends while later requests wait, serve.py before continuous batching)
 and the continuous one (requests join the running batch at the next decode step) run side by side on one
@@ -13,6 +14,8 @@ engine: tokens/s, time to first token and inter-token latency (p50 / p95).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -77,44 +80,59 @@ def load(url: str, clients: int, requests: int, lengths: list[int], arrival_s: f
 
     def client(i: int) -> None:
         time.sleep(i * arrival_s)
-        with httpx.Client(timeout=600) as http:
-            for r in range(requests):
-                prompt = f"Client {i}, request {r}: once upon a time" + " there was" * (i % 5)
-                first, between, n = one_request(http, url, prompt, lengths[(i + r) % len(lengths)])
-                with lock:
-                    ttft.append(first)
-                    gaps.extend(between)
-                    tokens.append(n)
+        for r in range(requests):
+            prompt = f"Client {i}, request {r}: once upon a time" + " there was" * (i % 5)
+            first, between, n = one_request(http, url, prompt, lengths[(i + r) % len(lengths)])
+            with lock:
+                ttft.append(first)
+                gaps.extend(between)
+                tokens.append(n)
 
-    start = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(client, range(clients)))
-    seconds = time.perf_counter() - start
+    # One client object for all (its setup is costly), with a connection for each client.
+    with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=clients)) as http:
+        start = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(client, range(clients)))
+        seconds = time.perf_counter() - start
     p = lambda values, q: float(np.percentile(values, q)) if values else float("nan")  # noqa: E731
     return {"tokens_per_s": sum(tokens) / seconds, "ttft_p50": p(ttft, 50), "ttft_p95": p(ttft, 95),
             "itl_p50": p(gaps, 50), "itl_p95": p(gaps, 95)}
 
 
+def start_server(checkpoint: str, device: str, scheduler: str, clients: int) -> tuple[subprocess.Popen, str]:
+    """python serve.py on a free port, queue and connection limits sized for the clients; returns it and its URL."""
+    serve_py = Path(__file__).resolve().parent.parent / "serve.py"
+    proc = subprocess.Popen([sys.executable, str(serve_py), f"--checkpoint={checkpoint}", f"--device={device}",
+                             "--port=0", f"--scheduler={scheduler}", f"--max_queue={2 * clients}",
+                             f"--max_connections={4 * clients + 64}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("serving "):
+        proc.kill()
+        raise UserError(f"serve.py did not start: {line.strip() or proc.stdout.read()[-300:]}", "Server")
+    threading.Thread(target=proc.stdout.read, daemon=True).start()  # its access log must not fill the pipe
+    return proc, line.split()[3].removesuffix("/v1")
+
+
 def benchmark(checkpoint: str, device: str, clients: tuple[int, ...] = (1, 4, 16, 64),
               requests: int = REQUESTS_PER_CLIENT, lengths: tuple[int, ...] = (16, 32, 64),
               arrival_ms: float = ARRIVAL_MS) -> int:
-    from serve import create_app, listen, start_in_thread
-    from text_generator import Engine
-
     with tempfile.TemporaryDirectory() as tmp:
-        engine = Engine(checkpoint or random_small_checkpoint(Path(tmp)), device=device)
-    what = checkpoint or "a random-weight `small` model"
-    print(f"{what} on {engine.device}; clients {arrival_ms:g} ms apart, {requests} streaming requests each, "
-          f"{'/'.join(map(str, lengths))} new tokens (cycling), greedy; at most 16 rows decode together")
-    results = {}
-    for scheduler in SCHEDULERS:
-        app = create_app(engine, "bench", max_queue=max(clients) * 2, scheduler=scheduler)
-        server, url = start_in_thread(app, listen("127.0.0.1", 0), max_connections=max(clients) * 4)
-        with httpx.Client(timeout=600) as http:
-            one_request(http, url, "warm-up", 4)
-        for n in clients:
-            results[scheduler, n] = load(url, n, requests, list(lengths), arrival_ms / 1000)
-        server.should_exit = True
+        path = checkpoint or str(random_small_checkpoint(Path(tmp)))
+        print(f"{checkpoint or 'a random-weight `small` model'} (device {device}); clients {arrival_ms:g} ms apart, "
+              f"{requests} streaming requests each, {'/'.join(map(str, lengths))} new tokens (cycling), greedy; "
+              "at most 16 rows decode together")
+        results = {}
+        for scheduler in SCHEDULERS:
+            proc, url = start_server(path, device, scheduler, max(clients))
+            try:
+                with httpx.Client(timeout=600) as http:
+                    one_request(http, url, "warm-up", 4)
+                for n in clients:
+                    results[scheduler, n] = load(url, n, requests, list(lengths), arrival_ms / 1000)
+            finally:
+                proc.terminate()
+                proc.wait(30)
     print("| clients | tokens/s old | tokens/s new | x | TTFT p50 old / new | TTFT p95 old / new | "
           "inter-token p50 old / new | inter-token p95 old / new |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
