@@ -6,6 +6,7 @@ An OpenAI-compatible HTTP API for a checkpoint, on FastAPI + uvicorn, built on t
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (the checkpoint tokenizer's chat
 template), GET /health. Any OpenAI client works: point its base_url at http://127.0.0.1:8000/v1.
+GET / is a chat page (chat.html, beside this file) that talks to those routes; GET /info tells it the model.
 
 How concurrent requests are served: one worker thread owns the engine. Requests wait in a queue; the worker
 takes every request that arrived within BATCH_WINDOW_MS of the first one (up to MAX_BATCH_SIZE rows, a row
@@ -17,8 +18,11 @@ that disconnects ends its rows at the next decode step, and a full queue answers
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import hmac
 import json
+import re
 import socket
 import threading
 import time
@@ -31,13 +35,14 @@ from typing import Annotated, Any, AsyncIterator, Literal
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
+from checkpoint import trained_on_chats
 from cli import UserError, parse_flags, run_main, settings_block
 from text_generator import Engine, SamplingParams
 
@@ -456,6 +461,28 @@ async def stream_response(job: Job, reply: Reply, prompts: list[list[int]], rows
 
 
 # -----------------------------------------------------------------------------
+# The chat page: one file, no build step, nothing fetched from elsewhere
+
+PAGE_FILE = Path(__file__).with_name("chat.html")
+
+
+def chat_page() -> tuple[str, dict]:
+    """chat.html and its headers. The Content-Security-Policy lets only the page's own inline script and style run
+    (named by their hashes) and lets it talk to this server alone: whatever a model writes, the browser will not
+    run it, load it or send it elsewhere."""
+    page = PAGE_FILE.read_text(encoding="utf-8")
+
+    def hashes(tag: str) -> str:
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", page, flags=re.DOTALL)
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in blocks)
+
+    policy = (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; connect-src 'self'; "
+              "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return page, {"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff",
+                  "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+
+
+# -----------------------------------------------------------------------------
 # The app
 
 
@@ -489,6 +516,19 @@ def create_app(engine, model_name: str, api_key: str = "", max_batch_size: int =
     @app.get("/health")
     async def health():
         return {"status": "ok", "queued": len(scheduler.waiting), "running_rows": scheduler.running_rows}
+
+    page, page_headers = chat_page()
+
+    @app.get("/")
+    async def chat():  # the page holds no secret: the key, if any, is asked for by the page and sent by it
+        return HTMLResponse(page, headers=page_headers)
+
+    @app.get("/info", dependencies=[Depends(check_key)])
+    async def info():
+        """What the chat page shows and which mode it starts in (chat only for a model trained on chats)."""
+        return {"model": model_name, "context_length": engine.max_seq_len,
+                "chat_template": bool(engine.tokenizer.chat_template),
+                "trained_on_chats": trained_on_chats(engine.path)}
 
     model_card = {"id": model_name, "object": "model", "created": 0, "owned_by": "modern-llm"}
 
@@ -578,7 +618,8 @@ def main(argv: list[str]) -> int:
         return benchmark(app, cfg["api_key"])
     if cfg["host"] not in ("127.0.0.1", "localhost", "::1") and not cfg["api_key"]:
         print(f"warning: listening on {cfg['host']} without --api_key: anyone who can reach it can use it")
-    print(f"serving {name} at {base_url(sock)}/v1 (Ctrl-C stops)", flush=True)
+    print(f"serving {name} at {base_url(sock)}/v1 (Ctrl-C stops)")
+    print(f"chat page: open {base_url(sock)}/ in a browser", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=2)).run(sockets=[sock])
     return 0
 
