@@ -79,7 +79,7 @@ def url(engine):
 def browser():
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1200,760"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1200,860"):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)  # a given driver: no Selenium Manager
@@ -116,11 +116,15 @@ def watch_updates(browser):
         }).observe(document.getElementById('log'), {childList: true, subtree: true, characterData: true});""")
 
 
-def ask(browser, text):
-    """Type into the composer and press Enter; wait until the answer has ended (Send is back)."""
+def ask(browser, text, paste=False):
+    """Type (or paste: a long text typed key by key takes seconds) into the composer and press Enter; wait until
+    the answer has ended (Send is back)."""
     count = len(replies(browser))
     field = by_id(browser, "input")
-    field.send_keys(text)
+    if paste:
+        browser.execute_script("arguments[0].value = arguments[1]", field, text)
+    else:
+        field.send_keys(text)
     field.send_keys("\n")
     wait(browser, lambda: len(replies(browser)) == count + 1)
     wait(browser, lambda: by_id(browser, "send").is_displayed())
@@ -199,7 +203,7 @@ def test_chat_page_streams_stops_switches_modes_and_shows_server_errors(browser,
     assert endpoint == url + "/v1/completions" and body["prompt"] == "Once upon a time" and "messages" not in body
 
     # The server's errors, in its words: a prompt beyond the context, a setting it refuses.
-    answer = ask(browser, "the quick brown fox " * 200)
+    answer = ask(browser, "the quick brown fox " * 200, paste=True)
     assert "error" in answer.get_attribute("class")
     assert "maximum context length is 512 tokens" in answer.find_element(By.CLASS_NAME, "text").text
     set_field(browser, "top_k", "2.5")
