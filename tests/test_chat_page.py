@@ -63,14 +63,9 @@ def engine(chat_model):
     return engine
 
 
-def start(engine, **kwargs):
-    srv, url = serve.start_in_thread(serve.create_app(engine, "tiny-chat", **kwargs), serve.listen("127.0.0.1", 0))
-    return srv, url
-
-
 @pytest.fixture(scope="module")
 def url(engine):
-    srv, url = start(engine)
+    srv, url = serve.start_in_thread(serve.create_app(engine, "tiny-chat"), serve.listen("127.0.0.1", 0))
     yield url
     srv.should_exit = True
 
@@ -174,23 +169,23 @@ def test_chat_page_streams_stops_switches_modes_and_shows_server_errors(browser,
     artifacts.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(artifacts / "chat_page.png"))
 
-    # New chat, a system prompt, then a long answer (hot sampling, 100 tokens: 5 s at least) stopped after a few
+    # New chat, a system prompt, then a long answer (hot sampling, 200 tokens: 10 s at least) stopped after a few
     # updates: the server frees its row at once.
     by_id(browser, "new-chat").click()
     assert not replies(browser)
     set_field(browser, "system", "Tell long stories.")
     set_field(browser, "temperature", "1.5")
     set_field(browser, "seed", "1")
-    set_field(browser, "max_tokens", "100")
+    set_field(browser, "max_tokens", "200")
     watch_updates(browser)
     by_id(browser, "input").send_keys("Tell me a long story.\n")
     wait(browser, lambda: len(browser.execute_script("return window.seen")) >= 3)
     assert health(url)["running_rows"] == 1
     by_id(browser, "stop").click()
     wait(browser, lambda: "stopped" in replies(browser)[-1].find_element(By.CLASS_NAME, "stats").text)
-    wait(browser, lambda: (health(url)["queued"], health(url)["running_rows"]) == (0, 0), timeout=2)
+    wait(browser, lambda: (health(url)["queued"], health(url)["running_rows"]) == (0, 0), timeout=3)
     (_, body), = sent_requests(browser)
-    assert (body["temperature"], body["seed"], body["max_tokens"]) == (1.5, 1, 100)
+    assert (body["temperature"], body["seed"], body["max_tokens"]) == (1.5, 1, 200)
     assert body["messages"][0] == {"role": "system", "content": "Tell long stories."}
 
     # Completion mode: the prompt continued, through /v1/completions.
@@ -214,20 +209,24 @@ def test_chat_page_streams_stops_switches_modes_and_shows_server_errors(browser,
     print(f"browser session: {time.time() - started:.1f} s")
 
 
-def test_api_key_is_asked_once_and_kept_for_the_tab(browser, engine):
-    srv, url = start(engine, api_key="sk-page")
+def test_a_model_with_no_chat_record_starts_in_completion_mode_and_the_key_is_asked_once(browser, tiny_checkpoint):
+    srv, url = serve.start_in_thread(serve.create_app(Engine(str(tiny_checkpoint), device="cpu", dtype="float32"),
+                                                      "random", api_key="sk-page"), serve.listen("127.0.0.1", 0))
     try:
         browser.get(url + "/")
         wait(browser, lambda: by_id(browser, "key-dialog").is_displayed())
         assert "incorrect API key" in by_id(browser, "key-note").text
         by_id(browser, "key").send_keys("sk-page\n")
-        wait(browser, lambda: by_id(browser, "model").text == "tiny-chat")
+        wait(browser, lambda: by_id(browser, "model").text == "random")
+        assert browser.execute_script("return [sessionStorage.length, localStorage.length]") == [1, 0]
         browser.refresh()  # the same tab: the key is still there, no question
-        wait(browser, lambda: by_id(browser, "model").text == "tiny-chat")
+        wait(browser, lambda: by_id(browser, "model").text == "random")
         assert not by_id(browser, "key-dialog").is_displayed()
+        assert by_id(browser, "mode-completion").is_selected()  # no trainer_state.json: never seen a chat
+        assert "records no chat fine-tuning" in by_id(browser, "mode-note").text
         set_field(browser, "max_tokens", "4")
-        answer = ask(browser, "Who wrote Hamlet?")
-        assert "error" not in answer.get_attribute("class")
+        answer = ask(browser, "Once upon a time")
+        assert "error" not in answer.get_attribute("class") and answer.find_element(By.CLASS_NAME, "stats").text
     finally:
         srv.should_exit = True
 
