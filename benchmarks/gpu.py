@@ -109,7 +109,7 @@ def rehearse_preset(preset: str, data_root: str, steps: int, compile: bool) -> d
         shutil.rmtree(out_dir, ignore_errors=True)
     step_s = statistics.median(seconds[1:] or seconds)
     return {**row, **prediction(printed.getvalue()), "checkpointing": cfg["activation_checkpointing"],
-            "params": modern_llm.count_params(run.model.cfg), "dtype": str(dtype).removeprefix("torch."),
+            "vocab": run.model.cfg.vocab_size, "dtype": str(dtype).removeprefix("torch."),
             "allocated_gib": torch.cuda.max_memory_allocated(device) / GiB,
             "reserved_gib": torch.cuda.max_memory_reserved(device) / GiB,
             "step_s": step_s, "tokens_per_s": run.tokens_per_step / step_s,
@@ -205,10 +205,12 @@ def memory_section(meta: dict, presets: list[dict]) -> list[str]:
             "under the preset's per-process memory cap (none where the card is not larger than the preset). "
             "Predicted: the script's start-up line. Allocated: `torch.cuda.max_memory_allocated`; reserved: the "
             "allocator's peak (`max_memory_reserved`), what must fit. Budget: the card's memory less 0.5 GiB of "
-            "CUDA context, as the script plans.", "",
-            table(["preset", "model", "micro-batch x accum x seq", "act. ckpt", "predicted GiB", "allocated GiB",
-                   "reserved GiB", "budget GiB", "predicted / allocated", "verdict"],
-                  [[p["preset"], p["model"], p["batch"], figure(p, "checkpointing", "{}"), figure(p, "predicted_gib"),
+            "CUDA context, as the script plans. Vocabulary: the BPE trained on the built-in corpus (the presets ask "
+            "for 32,000; a smaller corpus yields fewer), the same model for prediction and measurement.", "",
+            table(["preset", "model", "vocab", "micro-batch x accum x seq", "act. ckpt", "predicted GiB",
+                   "allocated GiB", "reserved GiB", "budget GiB", "predicted / allocated", "verdict"],
+                  [[p["preset"], p["model"], figure(p, "vocab", "{:,}"), p["batch"], figure(p, "checkpointing", "{}"),
+                    figure(p, "predicted_gib"),
                     figure(p, "allocated_gib"), figure(p, "reserved_gib"), figure(p, "budget_gib"),
                     f"{p['predicted_gib'] / p['allocated_gib']:.2f}" if {"predicted_gib", "allocated_gib"} <= p.keys()
                     else "n/a", verdict(p)] for p in presets])]

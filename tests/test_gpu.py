@@ -21,6 +21,7 @@ import sys
 import pytest
 import torch
 import torch._inductor.config
+import torch._inductor.utils
 from torch._dynamo.utils import counters
 
 import checkpoint
@@ -68,12 +69,14 @@ def test_bf16_steps_compiled_with_max_autotune_equal_eager(data_root, tmp_path, 
         assert train.main(flags(data_root, tmp_path / "compiled", "--compile=true")) == 0
     log = capsys.readouterr().out
     assert "needs Triton" not in log and "| compile True |" in log, log[-2000:]
-    # every frame compiled (a compiler error would have fallen back to eager silently), and matmuls were tuned
+    # every frame compiled (a compiler error would have fallen back to eager silently), and matmuls were tuned,
+    # where Inductor tunes them: GPUs of 68 SMs or more (not a 3060's 28 or a 4070 Ti's 60)
     assert counters["frames"]["ok"] == counters["frames"]["total"] > 0, dict(counters["frames"])
-    assert counters["inductor"]["select_algorithm_autotune"] > 0, dict(counters["inductor"])
-    ampere = torch.cuda.get_device_capability() >= (8, 0)
-    assert f"| cuda {'bfloat16' if ampere else 'float16'} |" in log
-    assert torch.backends.cuda.matmul.allow_tf32 == ampere
+    if torch._inductor.utils.is_big_gpu(0):
+        assert counters["inductor"]["select_algorithm_autotune"] > 0, dict(counters["inductor"])
+    bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    assert f"| cuda {'bfloat16' if bf16 else 'float16'} |" in log
+    assert torch.backends.cuda.matmul.allow_tf32 == (torch.cuda.get_device_capability() >= (8, 0))
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert [s for s, _ in compiled] == [s for s, _ in eager] == list(range(1, 7))
     assert [l for _, l in compiled] == pytest.approx([l for _, l in eager], rel=2e-2)  # bf16: 8 mantissa bits
