@@ -6,8 +6,8 @@ Training (gpu_training_optimized.main, as the command line calls it): bf16 steps
 and in fp16 with its GradScaler, and the CUDA RNG state comes back as saved; running out of GPU memory is one
 line naming the knobs and the last checkpoint; the log has NVML's figures and a data-sheet MFU; DDP and FSDP2
 (bf16) train as one process under torchrun with NCCL. Decoding (text_generator.Engine, fp32): eager on CUDA
-gives the CPU's greedy tokens, and compiled, CUDA graphs and int8 compiled give eager's. The tiny model throughout: these prove
-the paths are right, the report measures them.
+gives the CPU's greedy tokens, and compiled, CUDA graphs and int8 compiled give eager's. The tiny model
+throughout: these prove the paths are right, the report measures them.
 
 Without CUDA, the report command is one line saying a GPU is needed (that test runs everywhere else).
 """
