@@ -115,7 +115,8 @@ def test_resume_on_cuda_is_exact(data_root, tmp_path, dtype):
 
 @gpu
 def test_out_of_memory_is_one_line_naming_the_knobs_and_the_last_checkpoint(data_root, tmp_path, monkeypatch, capsys):
-    """A real CUDA out-of-memory error at step 4 (after checkpoint-3): one line, exit 2, the checkpoint intact."""
+    """A real CUDA out-of-memory error in the 4th step (step 3, after checkpoint-3 was saved): one line, exit 2,
+    the checkpoint intact."""
     real_step, calls = train.train_step, []
 
     def step_that_runs_out(*args, **kwargs):
