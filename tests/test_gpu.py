@@ -9,7 +9,8 @@ line naming the knobs and the last checkpoint; the log has NVML's figures and a 
 gives the CPU's greedy tokens, and compiled, CUDA graphs and int8 compiled give eager's. The tiny model
 throughout: these prove the paths are right, the report measures them.
 
-Without CUDA, the report command is one line saying a GPU is needed (that test runs everywhere else).
+Two tests run on any machine: the report reads the training script's memory prediction line, and without
+CUDA the report command is one line saying a GPU is needed.
 """
 
 import json
@@ -24,9 +25,11 @@ import torch._inductor.config
 import torch._inductor.utils
 from torch._dynamo.utils import counters
 
+import benchmarks.gpu as gpu_report
 import checkpoint
 import cli
 import gpu_training_optimized as train
+import modern_llm
 import text_generator as tg
 import training_state
 from conftest import ROOT
@@ -224,7 +227,16 @@ def test_compiled_decode_paths_give_eager_greedy_tokens(sharp_checkpoint, prompt
 
 
 # -----------------------------------------------------------------------------
-# The report command, where there is no GPU
+# The report command: the line it reads, and its refusal where there is no GPU
+
+
+def test_the_report_reads_the_training_scripts_memory_prediction(capsys):
+    """benchmarks/gpu.py takes each preset's predicted peak from the line the training script prints: if that
+    line changes, this fails here rather than the report saying "unknown" on the first GPU."""
+    cfg = {"batch_size": 4, "seq_len": 64, "optimizer": "adamw", "activation_checkpointing": False, "parallel": "auto"}
+    train.plan_memory(cfg, set(), modern_llm.model_preset("tiny"), torch.device("cpu"), "cpu", None, train.World())
+    found = gpu_report.prediction(capsys.readouterr().out)
+    assert 0 < found["predicted_gib"] < found["budget_gib"], found
 
 
 @pytest.mark.skipif(CUDA, reason="this machine has a CUDA GPU: the report runs instead of refusing")
