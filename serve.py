@@ -6,6 +6,7 @@ An OpenAI-compatible HTTP API for a checkpoint, on FastAPI + uvicorn, built on t
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (the checkpoint tokenizer's chat
 template), GET /health. Any OpenAI client works: point its base_url at http://127.0.0.1:8000/v1.
+GET / is a chat page (chat.html, beside this file) that talks to those routes; GET /info tells it the model.
 
 How concurrent requests are served (continuous batching): one worker thread owns the engine's batch. Before
 each decode step, waiting requests join the running batch as far as MAX_BATCH_SIZE rows allow (a row is one
@@ -20,10 +21,13 @@ in a worker thread; uvicorn limits connections, header sizes and the time header
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
+import hashlib
 import hmac
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -36,7 +40,7 @@ from typing import AsyncIterator
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from jinja2 import TemplateError
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -44,6 +48,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from checkpoint import trained_on_chats
 from cli import UserError, parse_flags, run_main, settings_block
 from serve_requests import (APIError, CallerGuard, ChatRequest, CompletionRequest, SamplingRequest, check_sizes,
                             decode_json, error_body, parse_request, read_body)
@@ -362,6 +367,28 @@ async def stream_response(job: Job, reply: Reply, prompts: list[list[int]], rows
 
 
 # -----------------------------------------------------------------------------
+# The chat page: one file, no build step, nothing fetched from elsewhere
+
+PAGE_FILE = Path(__file__).with_name("chat.html")
+
+
+def chat_page() -> tuple[str, dict]:
+    """chat.html and its headers. The Content-Security-Policy lets only the page's own inline script and style run
+    (named by their hashes) and lets it talk to this server alone: whatever a model writes, the browser will not
+    run it, load it or send it elsewhere."""
+    page = PAGE_FILE.read_text(encoding="utf-8")
+
+    def hashes(tag: str) -> str:
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", page, flags=re.DOTALL)
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in blocks)
+
+    policy = (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; connect-src 'self'; "
+              "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return page, {"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff",
+                  "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+
+
+# -----------------------------------------------------------------------------
 # The app
 
 def create_app(engine, model_name: str, api_key: str = "", max_batch_size: int = MAX_BATCH_SIZE,
@@ -402,6 +429,19 @@ def create_app(engine, model_name: str, api_key: str = "", max_batch_size: int =
     @app.get("/health")
     async def health():
         return {"status": "ok", "queued": len(queue.waiting), "running_rows": queue.running_rows}
+
+    page, page_headers = chat_page()
+
+    @app.get("/")
+    async def chat():  # the page holds no secret: the key, if any, is asked for by the page and sent by it
+        return HTMLResponse(page, headers=page_headers)
+
+    @app.get("/info", dependencies=[Depends(check_key)])
+    async def info():
+        """What the chat page shows and which mode it starts in (chat only for a model trained on chats)."""
+        return {"model": model_name, "context_length": engine.max_seq_len,
+                "chat_template": bool(engine.tokenizer.chat_template),
+                "trained_on_chats": trained_on_chats(engine.path)}
 
     model_card = {"id": model_name, "object": "model", "created": 0, "owned_by": "modern-llm"}
 
@@ -601,7 +641,8 @@ def main(argv: list[str]) -> int:
                      cfg["allowed_hosts"], cfg["allowed_origins"])
     if cfg["host"] not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: listening on {cfg['host']} without an API key: anyone who can reach it can use it")
-    print(f"serving {name} at {base_url(sock)}/v1 (Ctrl-C stops)", flush=True)
+    print(f"serving {name} at {base_url(sock)}/v1 (Ctrl-C stops)")
+    print(f"chat page: open {base_url(sock)}/ in a browser", flush=True)
     config = server_config(app, "info", cfg["max_connections"], cfg["header_timeout_s"], cfg["keep_alive_s"],
                            cfg["max_header_bytes"])
     uvicorn.Server(config).run(sockets=[sock])

@@ -59,7 +59,7 @@ _FLAG_DEFAULTS = settings_block(globals())  # the settings above are the flags
 
 # The other reports: `python speed_optimizations_2025.py NAME [flags]` runs benchmarks/<module>.py's main.
 REPORTS = {"decode": "benchmarks.decode", "serving": "benchmarks.serving", "tokenization": "benchmarks.tokenization",
-           "muon": "benchmarks.muon"}
+           "muon": "benchmarks.muon", "gpu": "benchmarks.gpu"}
 
 # Constants a GPU run or --quick sets unless the user gave them on the command line.
 GPU_DEFAULTS = {"model": "125m", "seq_len": 1024}
