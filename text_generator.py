@@ -540,7 +540,8 @@ class Batch:
         tokens, pos, rows = (torch.tensor(column, device=engine.device) for column in zip(*inputs))
         span = engine.span(int(pos.max()) + 1)
         if joining and len(inputs) * span <= PACKED_STEP_SLOTS:  # one pass; each input reads a copy of its row
-            return engine._decode_step(tokens[:, None], pos[:, None], rows, span)[torch.tensor(ends, device=engine.device)]
+            logits = engine._decode_step(tokens[:, None], pos[:, None], rows, span)
+            return logits[torch.tensor(ends, device=engine.device)]
         logits = []
         if running:
             span = engine.span(int(pos[:running].max()) + 1)
