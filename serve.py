@@ -38,7 +38,7 @@ from pydantic_core import PydanticCustomError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
-from cli import UserError, parse_flags, run_main, settings_block
+from cli import UserError, parse_flags, run_main, settings_block, utf8_text
 from text_generator import Engine, SamplingParams
 
 CHECKPOINT = "out"  # checkpoint directory: a run's OUT_DIR or any Llama checkpoint directory
@@ -567,6 +567,8 @@ def main(argv: list[str]) -> int:
     for name in ("max_batch_size", "max_queue"):
         if cfg[name] < 1:
             raise UserError(f"--{name} must be at least 1, got {cfg[name]}", "Server")
+    for name in ("api_key", "model_name"):  # sent as text in headers and JSON
+        utf8_text(cfg[name], f"--{name}")
     sock = None if cfg["benchmark"] else listen(cfg["host"], cfg["port"])
     engine = Engine(cfg["checkpoint"], device=cfg["device"], dtype=cfg["dtype"], quantize=cfg["quantize"] or None,
                     compile=cfg["compile"], max_batch_size=cfg["max_batch_size"])
