@@ -176,7 +176,8 @@ def build_fixtures(fx: Path, tokenizer) -> None:
     corrupt(ckpt, fx / "bad_generation_config", "generation_config.json", b"{")
     corrupt(ckpt, fx / "bad_config", "config.json", b'{"model_type": "llama",')
     corrupt(ckpt, fx / "config_list", "config.json", b"[1, 2, 3]")
-    corrupt(ckpt, fx / "negative_dims", "config.json", config.replace('"hidden_size": 64', '"hidden_size": -64').encode())
+    negative = config.replace('"hidden_size": 64', '"hidden_size": -64')
+    corrupt(ckpt, fx / "negative_dims", "config.json", negative.encode())
     corrupt(ckpt, fx / "wrong_shape", "config.json", config.replace('"intermediate_size": 176',
                                                                       '"intermediate_size": 192').encode())
     corrupt(ckpt, fx / "bad_weights", "model.safetensors", os.urandom(4096))
@@ -320,7 +321,8 @@ def long_fixtures(fixtures, tiny_tokenizer) -> Path:
 
 
 def run_until(cmd: list, cwd: Path, env: dict, marker: str) -> tuple[int, str, str]:
-    """Start the command, send SIGINT once `marker` shows in its output (both streams); (code, all output, output after it)."""
+    """Start the command and send SIGINT once `marker` shows in its output (both streams).
+    Returns (exit code, all the output, the output after the marker)."""
     p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     seen = b""
     deadline = time.time() + 300

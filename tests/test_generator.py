@@ -212,8 +212,8 @@ def test_processors_equal_transformers_on_bf16_logits_of_a_32k_vocabulary():
     transformers' to the bit, -inf (removed) included."""
     V, B = 32000, 8
     gen = torch.Generator().manual_seed(0)
-    settings_grid = [(t, k, p, m, r) for t in (0.7, 1.0, 1.3) for k in (0, 1, 5, 40, 1000) for p in (1.0, 0.5, 0.9, 0.95)
-                     for m in (0.0, 0.05) for r in (1.0, 1.3)]
+    settings_grid = [(t, k, p, m, r) for t in (0.7, 1.0, 1.3) for k in (0, 1, 5, 40, 1000)
+                     for p in (1.0, 0.5, 0.9, 0.95) for m in (0.0, 0.05) for r in (1.0, 1.3)]
     differing = 0
     for draw in range(200 // B):
         logits = (torch.randn(B, V, generator=gen) * 3).bfloat16().float()
