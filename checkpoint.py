@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import UserError
+from cli import UserError, temp_dir
 from modern_llm import LLM, ModelConfig, rope_inv_freq
 
 # -----------------------------------------------------------------------------
@@ -125,7 +124,8 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     path = Path(path)
     f = path / CONFIG_FILE
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
+        raise CheckpointError(f"{path} is a file, not a checkpoint directory" if path.exists()
+                              else f"checkpoint directory {path} does not exist")
     if not f.is_file():
         raise CheckpointError(f"{path} is not a checkpoint directory: {CONFIG_FILE} is missing")
     try:
@@ -225,10 +225,9 @@ def save_checkpoint(model: LLM, path: str | os.PathLike, extra: Callable[[Path],
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     dtype_name = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = temp_dir(f".{path.name}.tmp-", path.parent)  # as readable as any directory, not owner-only
     umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it owner-only; a checkpoint is as readable as any directory
+    os.umask(umask)  # only read: safetensors writes owner-only files, which get the umask's permissions below
     try:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         ids = token_ids or {}
@@ -240,7 +239,7 @@ def save_checkpoint(model: LLM, path: str | os.PathLike, extra: Callable[[Path],
             extra(tmp)
         for f in tmp.iterdir():  # durable before the rename makes it visible
             if f.is_file():
-                os.chmod(f, 0o666 & ~umask)  # safetensors writes owner-only files
+                os.chmod(f, 0o666 & ~umask)
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if not path.exists():

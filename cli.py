@@ -14,9 +14,12 @@ here once for every script.
 from __future__ import annotations
 
 import ast
+import math
+import os
 import platform
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -44,6 +47,7 @@ class UserError(Exception):
 
 def run_main(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
     """Run a script's main(argv), turning UserError into a one-line message and exit code 2."""
+    sys.stdout.reconfigure(errors="backslashreplace")  # a path that is not UTF-8 prints, as it does on stderr
     try:
         code = main(sys.argv[1:] if argv is None else argv)
     except UserError as e:
@@ -53,6 +57,67 @@ def run_main(main: Callable[[list[str]], Any], argv: list[str] | None = None) ->
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def utf8_text(text: str, flag: str) -> str:
+    """Text a flag passes on as text (a prompt, a stop string): Python keeps bytes that are not UTF-8 in argv as
+    lone surrogates, which tokenizers and JSON refuse deep inside; say so here instead. Paths may be any bytes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{flag} is not UTF-8 text (character {e.start + 1} is a raw byte): set the terminal to "
+                        "UTF-8, or put the text in a UTF-8 file", "Configuration") from None
+    return text
+
+
+# -----------------------------------------------------------------------------
+# Output paths: checked before any work, so a run does not fail at its end on a path it could have refused
+
+
+def temp_dir(prefix: str, parent: Path) -> Path:
+    """mkdtemp in `parent`, with the permissions the umask gives a folder: mkdtemp makes it owner-only, and a
+    folder renamed into place from it (a checkpoint, a data folder) must be as readable as any other."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
+def existing_ancestor(path: Path) -> Path:
+    while not (path.exists() or path.is_symlink()) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_path(path: str | Path, flag: str, folder: bool = True, beside: bool = False) -> Path:
+    """Refuse in one line, naming `flag` (a flag, or what the path is), an output path the script could not write:
+    a file where a folder is wanted (folder) or the reverse, a parent that is a file, a dangling link, a name the
+    file system refuses, or a place this user cannot write. Writing is probed (a temporary folder made and
+    removed): permission bits say nothing for root or a read-only mount. The folder itself is probed when it
+    exists; its parent when it does not, or when the output is renamed into place from beside it (`beside`: a
+    final model, an export)."""
+    path = Path(path).expanduser()
+    want = "folder" if folder else "file"
+    where = f"{flag}={path}" if flag.startswith("--") else f"{path} ({flag})"
+    try:
+        if path.is_symlink() and not path.exists():
+            raise UserError(f"{where} is a link to something missing: remove it or name another {want}",
+                            "Configuration")
+        if path.exists() and (path.is_dir() != folder or not (path.is_dir() or path.is_file())):
+            kind = "a folder" if path.is_dir() else "a file" if path.is_file() else "a device or pipe"
+            raise UserError(f"{where} is {kind}, not a {want}: name a {want} (or remove what is there)",
+                            "Configuration")
+        ancestor = existing_ancestor(path.parent)
+        if not ancestor.is_dir():
+            raise UserError(f"{where}: {ancestor} is a file, so it cannot hold a {want}: name another path",
+                            "Configuration")
+        for place in ([path] if path.is_dir() else []) + ([ancestor] if beside or not path.exists() else []):
+            os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=place))
+    except OSError as e:
+        raise UserError(f"{where}: cannot write there ({e.strerror}): name a {want} you can write",
+                        "Configuration") from None
+    return path
 
 
 # -----------------------------------------------------------------------------
@@ -94,9 +159,12 @@ def _convert(name: str, text: str, default: Any) -> Any:
             raise UserError(f"--{name} expects an integer, got {text!r}", "Configuration") from None
     if isinstance(default, float):
         try:
-            return float(text)
+            value = float(text)
         except ValueError:
             raise UserError(f"--{name} expects a number, got {text!r}", "Configuration") from None
+        if not math.isfinite(value):  # no setting means anything at NaN or infinity
+            raise UserError(f"--{name} expects a finite number, got {text!r}", "Configuration")
+        return value
     if default is None and text.lower() in ("none", ""):
         return None
     return text

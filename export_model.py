@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from checkpoint import CONFIG_FILE, is_int8, load_model, quantize_int8, resolve_checkpoint, save_int8_checkpoint
-from cli import UserError, parse_flags, run_main, settings_block
+from cli import UserError, check_output_path, parse_flags, run_main, settings_block
 from modern_llm import count_params
 
 CHECKPOINT = "out"  # checkpoint directory, or a training run's OUT_DIR (meaning its newest checkpoint)
@@ -303,6 +303,23 @@ def copy_files(checkpoint: Path, out_dir: Path, names: tuple[str, ...]) -> None:
             shutil.copy2(checkpoint / name, out_dir / name)
 
 
+def check_copied_files(checkpoint: Path) -> None:
+    """The tokenizer and config files an export copies must load, checked before any work: a damaged one would
+    be copied as it is, and the export would look fine until someone loaded it."""
+    for name in TOKENIZER_FILES + CONFIG_FILES:
+        f = checkpoint / name
+        if f.suffix == ".json" and f.is_file():
+            try:
+                json.loads(f.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise UserError(f"{f} is damaged ({e}): copy it again from where the checkpoint came from",
+                                "Checkpoint does not load") from None
+    if (checkpoint / "tokenizer.json").is_file():
+        from prepare_data import load_tokenizer
+
+        load_tokenizer(checkpoint)
+
+
 def write_atomically(out: Path, build: Callable[[Path], str], force: bool) -> str:
     """build(staged) writes the export (a file or a directory) at `staged`, a path in a temporary directory
     beside `out`; only then is it renamed to `out`, moving any old `out` (with force) aside first."""
@@ -354,7 +371,9 @@ def main(argv: list[str]) -> int:
     checkpoint = resolve_checkpoint(cfg["checkpoint"])
     out = Path(cfg["out"]) if cfg["out"] else default_out(Path(cfg["checkpoint"]), fmt)
     check_out(out, Path(cfg["checkpoint"]), checkpoint, cfg["force"])
+    check_output_path(out, "--out", folder=fmt != "gguf", beside=True)
     model = load_model(checkpoint, "cpu", torch.float32).eval()
+    check_copied_files(checkpoint)
     print(f"exporting {checkpoint} ({count_params(model.cfg) / 1e6:.1f}M parameters) as {fmt} to {out}")
     message = write_atomically(out, lambda staged: FORMATS[fmt](model, checkpoint, staged, cfg), cfg["force"])
     print(message)

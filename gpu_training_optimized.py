@@ -30,7 +30,7 @@ import prepare_data
 from checkpoint import (CHECKPOINT_PREFIX, list_checkpoints, load_state_dict, load_weights, read_config,
                         read_quantization, resolve_checkpoint)
 from corpora import looks_like_path
-from cli import UserError, parse_flags, peak_flops, pick_device, pick_dtype, run_main, settings_block
+from cli import UserError, check_output_path, parse_flags, peak_flops, pick_device, pick_dtype, run_main, settings_block
 from distributed import (World, any_process, from_rank0, gradient_sync, mean_over_processes, rank0_first, replicate,
                          run_torchrun, shard, start_processes)
 from modern_llm import LLM, count_params, estimate_training_memory, flops_per_token, model_preset
@@ -136,6 +136,8 @@ def validate(cfg: dict) -> None:
         raise UserError(f"--min_lr ({cfg['min_lr']}) is above --lr ({cfg['lr']})", "Configuration")
     if not 0 < cfg["decay_fraction"] <= 1:
         raise UserError(f"--decay_fraction must be in (0, 1], got {cfg['decay_fraction']}", "Configuration")
+    model_preset(cfg["model"])  # an unknown size is refused here, not after the data is prepared
+    check_output_path(cfg["out_dir"], "--out_dir", beside=True)  # the final model is renamed in from beside it
 
 
 def choose_preset(name: str, device: torch.device) -> str:

@@ -28,14 +28,13 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from cli import UserError, parse_flags, run_main, settings_block
+from cli import UserError, check_output_path, parse_flags, run_main, settings_block, temp_dir
 from corpora import load_corpus, local_files, looks_like_path, source_identity, source_slug
 
 DATASET = "builtin"  # builtin, a file or folder (.txt .md .jsonl .json .parquet .csv, also .gz/.zst) or a hub dataset
@@ -56,6 +55,7 @@ _FLAG_DEFAULTS = settings_block(globals())  # the settings above are the flags; 
 FORMAT_VERSION = 1  # part of every cache key: bump it when the shard format or a source's reading changes
 MIN_MB_PER_PROC = 16  # starting a tokenization process costs ~1 s, so small corpora stay in one process
 TRAIN_FILE, VAL_FILE, META_FILE = "train.bin", "val.bin", "meta.json"
+DATA_ROOT_FLAGS = "the data root: --data_root of training, --out_dir here"  # named when it cannot be written
 
 # -----------------------------------------------------------------------------
 # Tokenizer
@@ -119,7 +119,7 @@ def load_tokenizer(name_or_path: str | Path):
         raise UserError(f"cannot load tokenizer {str(name_or_path)!r}: no such folder", "Tokenizer and vocabulary")
     try:
         return AutoTokenizer.from_pretrained(str(name_or_path))
-    except (OSError, ValueError) as e:
+    except Exception as e:  # a damaged tokenizer.json raises anything: KeyError, or the Rust library's Exception
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load tokenizer {name_or_path!r}: {first}", "Tokenizer and vocabulary") from None
 
@@ -268,6 +268,7 @@ def prepare(dataset: str = "builtin", data_root: str | Path = "data", vocab_size
     data_dir = Path(data_root) / f"{source_slug(dataset)}-{tok_name}-{key}"
     if (data_dir / META_FILE).is_file():
         return data_dir
+    check_output_path(data_root, DATA_ROOT_FLAGS)
 
     docs = load_corpus(dataset, text_field, config_name, max_tokens)
     if tokenizer is None:  # minutes on a large corpus, with no progress bar of its own
@@ -301,7 +302,7 @@ def publish(data_dir: Path, write, tokenizer, meta: dict) -> None:
     """Write a data folder atomically: write(tmp) adds the token files to a temporary folder, then the
     tokenizer and meta.json go beside them and the folder is renamed into place."""
     data_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.tmp-", dir=data_dir.parent))
+    tmp = temp_dir(f".{data_dir.name}.tmp-", data_dir.parent)  # not owner-only: a data root may be shared
     try:
         write(tmp)
         tokenizer.save_pretrained(str(tmp))
@@ -531,6 +532,7 @@ def prepare_chat(dataset: str, data_root: str | Path = "data", vocab_size: int =
     data_dir = Path(data_root) / f"{source_slug(str(dataset))}-chat-{tok_name}-{key}"
     if (data_dir / META_FILE).is_file():
         return data_dir
+    check_output_path(data_root, DATA_ROOT_FLAGS)
 
     conversations = [(f"{f}, line {n}", msgs) for f in files for n, msgs in read_conversations(f)]
     tokenizer = chat_tokenizer(tokenizer, conversations, vocab_size, tokenizer_train_mb)
@@ -633,6 +635,12 @@ def main(argv: list[str]) -> int:
     if cfg["benchmark"]:
         from benchmarks.tokenization import benchmark
         return benchmark(cfg["vocab_size"], cfg["tokenizer"] or None)
+    for name in ("max_tokens", "num_proc"):
+        if cfg[name] < 0:
+            raise UserError(f"--{name} must be >= 0 (0 = {'all' if name == 'max_tokens' else 'one per core'}), "
+                            f"got {cfg[name]}", "Data")
+    if not cfg["tokenizer_train_mb"] > 0:
+        raise UserError(f"--tokenizer_train_mb must be > 0, got {cfg['tokenizer_train_mb']}", "Data")
     t0 = time.time()
     if chat_files(cfg["dataset"]):  # conversations: the chat folder that fine-tuning (SFT) reads
         data_dir = prepare_chat(cfg["dataset"], cfg["out_dir"], cfg["vocab_size"], cfg["tokenizer"] or None,

@@ -49,7 +49,7 @@ from starlette.middleware.cors import CORSMiddleware
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from checkpoint import trained_on_chats
-from cli import UserError, parse_flags, run_main, settings_block
+from cli import UserError, parse_flags, run_main, settings_block, utf8_text
 from serve_requests import (APIError, CallerGuard, ChatRequest, CompletionRequest, SamplingRequest, check_sizes,
                             decode_json, error_body, parse_request, read_body)
 from text_generator import Engine, SamplingParams, chat_prompt_ids
@@ -629,6 +629,8 @@ def main(argv: list[str]) -> int:
     cfg, _ = parse_flags(_FLAG_DEFAULTS, argv, __file__, usage=__doc__)
     check_flags(cfg)
     api_key = read_api_key(cfg)
+    for name, value in (("api_key", api_key), ("model_name", cfg["model_name"])):  # sent as text in headers, JSON
+        utf8_text(value, f"--{name}")
     if cfg["benchmark"]:
         from benchmarks.serving import benchmark
         return benchmark(cfg["checkpoint"], cfg["device"])

@@ -40,7 +40,8 @@ from tqdm import tqdm
 
 import modern_llm as ml
 from checkpoint import hf_config
-from cli import UserError, device_name, parse_flags, peak_flops, pick_device, run_main, settings_block
+from cli import (UserError, check_output_path, device_name, parse_flags, peak_flops, pick_device, run_main,
+                 settings_block)
 
 MODEL = "small"  # size preset from modern_llm.PRESETS (a GPU run uses 125m unless given)
 DEVICE = "auto"  # auto (cuda when available), cuda or cpu
@@ -621,6 +622,7 @@ def main(argv: list[str]) -> int:
     defaults = {**(GPU_DEFAULTS if device.type == "cuda" else {}), **(QUICK_DEFAULTS if cfg["quick"] else {})}
     cfg.update({k: v for k, v in defaults.items() if k not in given})
     techniques = selected_techniques(cfg["rows"])
+    check_output_path(cfg["out"], "--out")
     bench = make_bench(cfg, device)
 
     g = torch.Generator().manual_seed(bench.seed)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from checkpoint import CheckpointError, is_int8, load_model, quantize_int8, resolve_checkpoint
-from cli import UserError, parse_flags, pick_device, pick_dtype, run_main, settings_block
+from cli import UserError, parse_flags, pick_device, pick_dtype, run_main, settings_block, utf8_text
 
 CHECKPOINT = "out"  # a checkpoint directory, or a training run's OUT_DIR (its newest checkpoint)
 PROMPT: list = []  # one-shot mode: continue this text and exit (repeatable)
@@ -86,7 +86,8 @@ class SamplingParams:
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
-            ("seed", self.seed is None or isinstance(self.seed, int), "must be a whole number"),
+            ("seed", self.seed is None or isinstance(self.seed, int) and 0 <= self.seed < 2**63,
+             "must be a whole number in [0, 2**63)"),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -105,24 +106,30 @@ def apply_penalties(logits: torch.Tensor, seen: torch.Tensor | None, counts: tor
     return logits
 
 
-def top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Top-k, then top-p on what top-k kept, with one sort. top_k (B, 1) of k (V = off); top_p (B, 1).
+def top_k_filter(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep every token at least as likely as the k-th best, so all tokens tied with it stay, as transformers'
+    TopKLogitsWarper does; top_k (B, 1), V = off. One topk of the largest k in the batch serves every row."""
+    on = top_k < logits.size(-1)
+    k = torch.where(on, top_k, 1)
+    kth_best = logits.topk(int(k.max()), dim=-1).values.gather(-1, k - 1)
+    return logits.masked_fill(on & (logits < kth_best), float("-inf"))
 
-    Top-k keeps the k best tokens (ties broken by the sort). Top-p keeps the smallest set of best tokens
-    whose probability reaches p: a token stays if the mass of the tokens ranked above it is still below p.
-    """
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    rank = torch.arange(logits.size(-1), device=logits.device)
-    sorted_logits = sorted_logits.masked_fill(rank >= top_k, float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)
-    mass_above = probs.cumsum(dim=-1) - probs
-    drop = (mass_above >= top_p) & (top_p < 1)  # p = 1 is off, whatever the rounding of the cumulative sum
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Nucleus, as transformers' TopPLogitsWarper: drop the tokens whose probability summed from the least likely
+    up is at most 1 - p, never the best one; top_p (B, 1) float64, the values as given (1 = off). Done the way
+    theirs is (an ascending sort of the same values, 1 - p rounded from float64), so the sums agree to the bit and
+    so does which of several tokens tied at the boundary stays: an unstable sort's order decides that."""
+    sorted_logits, order = logits.sort(dim=-1)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop = (cumulative <= (1 - top_p).to(cumulative.dtype)) & (top_p < 1)  # p = 1 is off, whatever the rounding
+    drop[:, -1] = False
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
 def min_p_filter(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Drop tokens whose probability is below min_p times the most likely token's (min_p (B, 1))."""
+    """Drop tokens whose probability is below min_p times the most likely token's (min_p (B, 1)), as
+    transformers' MinPLogitsWarper does; the best token is never below it, so one token always stays."""
     probs = logits.softmax(dim=-1)
     return logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
 
@@ -172,13 +179,14 @@ class Sampler:
         params, V = self.params, self.vocab_size
         self.greedy = column([p.temperature == 0 for p in params], torch.bool)
         self.temperature = column([p.temperature or 1.0 for p in params])
-        self.top_k = column([p.top_k or V for p in params], torch.long)
-        self.top_p = column([p.top_p for p in params])
+        self.top_k = column([min(p.top_k, V) or V for p in params], torch.long)  # k above V keeps all
+        self.top_p = column([p.top_p for p in params], torch.float64)  # 1 - p is rounded as transformers does
         self.min_p = column([p.min_p for p in params])
         self.repetition = column([p.repetition_penalty for p in params])
         self.presence = column([p.presence_penalty for p in params])
         self.frequency = column([p.frequency_penalty for p in params])
-        self.sort = any(p.top_k or p.top_p < 1 for p in params)
+        self.use_top_k = any(p.top_k for p in params)
+        self.use_top_p = any(p.top_p < 1 for p in params)
         self.use_min_p = any(p.min_p > 0 for p in params)
         self.all_greedy = all(p.temperature == 0 for p in params)
         self.stale = False
@@ -195,8 +203,10 @@ class Sampler:
             return logits.argmax(dim=-1)
         greedy_choice = logits.argmax(dim=-1)
         logits = logits / self.temperature
-        if self.sort:
-            logits = top_k_top_p(logits, self.top_k, self.top_p)
+        if self.use_top_k:
+            logits = top_k_filter(logits, self.top_k)
+        if self.use_top_p:
+            logits = top_p_filter(logits, self.top_p)
         if self.use_min_p:
             logits = min_p_filter(logits, self.min_p)
         probs = logits.softmax(dim=-1)
@@ -332,7 +342,7 @@ def load_checkpoint_tokenizer(path: Path):
 
     try:
         return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
+    except Exception as e:  # a damaged tokenizer.json raises anything: KeyError, or the Rust library's Exception
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{path}: no usable tokenizer (tokenizer.json) beside the weights: {first}") from None
 
@@ -693,12 +703,15 @@ class Session:
 
 
 def read_prompts(cfg: dict) -> list[str]:
-    prompts = list(cfg["prompt"])
+    prompts = [utf8_text(p, "--prompt") for p in cfg["prompt"]]
     if cfg["prompts_file"]:
         try:
             lines = Path(cfg["prompts_file"]).read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read --prompts_file={cfg['prompts_file']}: {e}", "Generation errors") from None
+        if not any(line.strip() for line in lines):
+            raise UserError(f"--prompts_file={cfg['prompts_file']} has no prompt in it: write one per line",
+                            "Generation errors")
         prompts += [line for line in lines if line.strip()]
     if any(not p.strip() for p in prompts):
         raise UserError("--prompt is empty: give some text to continue", "Generation errors")
@@ -727,7 +740,8 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--batch_size must be at least 1, got {cfg['batch_size']}", "Generation errors")
     params = SamplingParams(max_new_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"], top_k=cfg["top_k"],
                             top_p=cfg["top_p"], min_p=cfg["min_p"], repetition_penalty=cfg["repetition_penalty"],
-                            stop=cfg["stop"], seed=None if cfg["seed"] < 0 else cfg["seed"])
+                            stop=[utf8_text(t, "--stop") for t in cfg["stop"]],
+                            seed=None if cfg["seed"] < 0 else cfg["seed"])
     params.validate()
     prompts = read_prompts(cfg)
     if "checkpoint" not in given and not Path(cfg["checkpoint"]).exists():
