@@ -66,7 +66,7 @@ def llamacpp_runs(path: Path, stack: ExitStack) -> dict[str, LlamaCpp]:
     import export_model
 
     if not shutil.which("node") or not (LLAMACPP_SCRIPT.parent / "node_modules" / "node-llama-cpp").is_dir():
-        raise UserError(f"--llamacpp needs node and node-llama-cpp: {LLAMACPP_INSTALL}", "Speed")
+        raise UserError(f"--llamacpp needs node and node-llama-cpp: {LLAMACPP_INSTALL}", "Export errors")
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="decode-gguf-")))
     runs = {}
     for kind in ("f32", "q8_0"):
