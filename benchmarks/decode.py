@@ -97,7 +97,8 @@ def benchmark(checkpoint: str, device: str, batch_sizes: tuple[int, ...] = (1, 8
     with its default dynamic cache and with a static cache + torch.compile; llama.cpp at batch 1 if asked."""
     path = resolve_checkpoint(checkpoint)
     with ExitStack() as stack:
-        return measure(path, device, batch_sizes, new_tokens, prompt_text, llamacpp_runs(path, stack) if llamacpp else {})
+        llama = llamacpp_runs(path, stack) if llamacpp else {}
+        return measure(path, device, batch_sizes, new_tokens, prompt_text, llama)
 
 
 def measure(path: Path, device: str, batch_sizes: tuple[int, ...], new_tokens: int, prompt_text: str,

@@ -110,7 +110,8 @@ def test_llamacpp_q8_0_picks_against_fp32_like_our_int8(fp32_checkpoint, tmp_pat
         same_int8 += sum(a == b for a, b in zip(picks, want))
         total += len(want)
     with capsys.disabled():
-        print(f"\nsame greedy pick as fp32 along its path: llama.cpp q8_0 {same_q8}/{total}, our int8 {same_int8}/{total}")
+        print(f"\nsame greedy pick as fp32 along its path: llama.cpp q8_0 {same_q8}/{total}, "
+              f"our int8 {same_int8}/{total}")
     # A wrong block layout or scale would agree on ~1/400 of the picks; both quantizers keep nearly all of them.
     assert same_q8 >= 0.8 * total and same_int8 >= 0.8 * total
 

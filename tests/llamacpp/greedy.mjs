@@ -1,8 +1,9 @@
 // Greedy decoding in llama.cpp itself (node-llama-cpp's prebuilt CPU build), for tests/test_llamacpp.py and
-// `speed_optimizations_2025.py decode --llamacpp`. Install: cd tests/llamacpp && NODE_LLAMA_CPP_SKIP_DOWNLOAD=true npm install
+// `speed_optimizations_2025.py decode --llamacpp`.
+// Install: cd tests/llamacpp && NODE_LLAMA_CPP_SKIP_DOWNLOAD=true npm install
 //
 //   node tests/llamacpp/greedy.mjs --model=out.gguf --prompt="Once upon a time" --new_tokens=20 --threads=2
-//   node tests/llamacpp/greedy.mjs --model=out.gguf --stdin   # one JSON request per line: {"prompt": ..., "new_tokens": 20}
+//   node tests/llamacpp/greedy.mjs --model=out.gguf --stdin   # JSON requests, one a line: {"ids": [1, 2]}
 //
 // Each request prints one JSON line: {"prompt_ids": [...], "new_ids": [...], "seconds": s, "add_bos": b, "add_eos": b}.
 // prompt_ids are what llama.cpp feeds the model: BOS when the GGUF's add_bos_token asks for it, the text tokenized
