@@ -6,6 +6,7 @@ script writes the other forms:
     python export_model.py --checkpoint=out --format=onnx --kv_cache  # + decoder_with_past.onnx
     python export_model.py --checkpoint=out --format=int8             # out-int8/, loads like any checkpoint
     python export_model.py --checkpoint=out --format=gguf             # out.gguf, for llama.cpp (pip install gguf)
+    python export_model.py --checkpoint=out --format=gguf --gguf_type=q8_0   # 8-bit blocks, llama.cpp's Q8_0
 
 An export is checked before it is put in place (ONNX Runtime against PyTorch on two batch/length shapes) and
 written to a temporary path that is renamed to OUT at the end, so an existing OUT is replaced only with --force,
@@ -39,7 +40,7 @@ FORCE = False  # replace OUT if it already exists
 KV_CACHE = False  # onnx: also write decoder_with_past.onnx (past keys/values in, present out) for fast decoding
 TOLERANCE = 1e-4  # onnx: largest accepted |ONNX Runtime - PyTorch| logit, relative to the largest logit (>= 1)
 INT8_TOLERANCE = 0.05  # int8: warn above this |int8 - fp32| logit error, relative to the largest logit (>= 1)
-GGUF_TYPE = "f16"  # gguf: f16 or f32 for the weight matrices (norms stay f32); llama-quantize goes lower
+GGUF_TYPE = "f16"  # gguf: f16, f32 or q8_0 for the weight matrices (norms stay f32); llama-quantize goes lower
 _FLAG_DEFAULTS = settings_block(globals())  # the settings above are the flags
 
 # Files copied so an export directory is self-contained, and the names of what is written.
@@ -210,13 +211,23 @@ def rope_interleave(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def gguf_vocab(checkpoint: Path, vocab_size: int) -> tuple[list[str], list[int]]:
+def added_special_tokens(tok, checkpoint: Path) -> dict[str, bool]:
+    """Whether transformers' encode puts BOS first and EOS last, found by encoding, so that the GGUF states it
+    (add_bos_token / add_eos_token) instead of leaving it to llama.cpp's default for the tokenizer model."""
+    plain, full = tok.encode("a", add_special_tokens=False), tok.encode("a")
+    bos = tok.bos_token_id is not None and full[0] == tok.bos_token_id != plain[0]
+    eos = tok.eos_token_id is not None and full[-1] == tok.eos_token_id != plain[-1]
+    if len(full) != len(plain) + bos + eos:
+        raise UserError(f"{checkpoint}: the tokenizer adds tokens other than BOS/EOS to every text, which llama.cpp "
+                        "cannot repeat; use llama.cpp's convert_hf_to_gguf.py", "Export errors")
+    return {"bos": bos, "eos": eos}
+
+
+def gguf_vocab(tok, checkpoint: Path, vocab_size: int) -> tuple[list[str], list[int]]:
     """Every token id's string (byte-level BPE spelling, as tokenizer.json has it) and llama.cpp token type;
     ids the model has beyond the tokenizer become unused [PADn] tokens."""
     import gguf
-    from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(checkpoint))
     by_id = {i: t for t, i in tok.get_vocab().items()}
     special = {i for i, t in tok.added_tokens_decoder.items() if t.special}
     added = set(tok.added_tokens_decoder)
@@ -245,10 +256,16 @@ def gguf_export(model: nn.Module, checkpoint: Path, out: Path, cfg: dict) -> str
     if c.qk_norm or c.rope_scaling:
         raise UserError("--format=gguf writes Llama models only: this checkpoint has qk_norm or rope_scaling; "
                         "use llama.cpp's convert_hf_to_gguf.py on the checkpoint directory", "Export errors")
-    types = {"f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16), "f32": (np.float32, gguf.LlamaFileType.ALL_F32)}
+    Q = gguf.GGMLQuantizationType
+    types = {"f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16), "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
+             "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}
     if cfg["gguf_type"] not in types:
-        raise UserError(f"unknown --gguf_type={cfg['gguf_type']!r}; choose f16 or f32", "Export errors")
-    matrix_dtype, file_type = types[cfg["gguf_type"]]
+        raise UserError(f"unknown --gguf_type={cfg['gguf_type']!r}; choose f16, f32 or q8_0", "Export errors")
+    matrix_type, file_type = types[cfg["gguf_type"]]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(checkpoint))
+    tokens, token_types = gguf_vocab(tok, checkpoint, c.vocab_size)
 
     w = gguf.GGUFWriter(str(out), arch="llama")
     w.add_name(checkpoint.name)
@@ -261,7 +278,6 @@ def gguf_export(model: nn.Module, checkpoint: Path, out: Path, cfg: dict) -> str
     }
     for key, value in hyperparameters.items():
         getattr(w, f"add_{key}")(value)
-    tokens, token_types = gguf_vocab(checkpoint, c.vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")  # our ByteLevel pre-tokenizer splits with GPT-2's regex
     w.add_token_list(tokens)
@@ -269,6 +285,7 @@ def gguf_export(model: nn.Module, checkpoint: Path, out: Path, cfg: dict) -> str
     vocab = gguf.SpecialVocab(checkpoint, load_merges=True, n_vocab=c.vocab_size)
     if isinstance(vocab.chat_template, str):  # {% generation %} marks training masks; llama.cpp's Jinja lacks it
         vocab.chat_template = vocab.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    vocab.add_special_token = added_special_tokens(tok, checkpoint)  # what transformers does, not a guess
     vocab.add_to_gguf(w, quiet=True)
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.n_layer)
@@ -278,8 +295,12 @@ def gguf_export(model: nn.Module, checkpoint: Path, out: Path, cfg: dict) -> str
         elif key.endswith("k_proj.weight"):
             t = rope_interleave(t, c.n_kv_head)
         data = t.detach().float().numpy()
-        w.add_tensor(names.get_name(key, try_suffixes=(".weight",)), data.astype(matrix_dtype if data.ndim == 2
-                                                                                     else np.float32))
+        qtype = matrix_type if data.ndim == 2 else Q.F32
+        try:
+            data = gguf.quants.quantize(data, qtype)
+        except gguf.quants.QuantError:  # q8_0 needs rows in blocks of 32; llama.cpp's converter falls back alike
+            qtype, data = Q.F16, data.astype(np.float16)
+        w.add_tensor(names.get_name(key, try_suffixes=(".weight",)), data, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -211,6 +211,30 @@ def test_gguf_reads_back_in_transformers_with_same_logits_and_tokens(tiny_tokeni
     assert "<|im_start|>" in tok.chat_template and "{% generation %}" not in tok.chat_template
 
 
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("gguf"), reason="gguf is optional: pip install gguf")
+def test_gguf_q8_0_reads_back_in_transformers_close_to_fp32(tiny_tokenizer, tmp_path, capsys):
+    """transformers' GGUF loader dequantizes Q8_0 itself, so logits near the fp32 model's show the blocks and
+    scales are laid out as llama.cpp reads them (a wrong layout gives noise). ffn_hidden 176 is no multiple of 32:
+    the down projection stays f16."""
+    import gguf
+    from conftest import make_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", tiny_tokenizer, seed=4)
+    code, text = run([f"--checkpoint={ckpt}", "--format=gguf", "--gguf_type=q8_0"], capsys)
+    assert code == 0, text
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "ckpt.gguf")).tensors}
+    assert types["blk.0.attn_q.weight"] == types["token_embd.weight"] == "Q8_0"
+    assert types["blk.0.ffn_down.weight"] == "F16" and types["blk.0.attn_norm.weight"] == "F32"
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="ckpt.gguf", dtype=torch.float32).eval()
+    ours = checkpoint.load_model(ckpt).eval()
+    ids = torch.randint(0, ours.cfg.vocab_size, (2, 30), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want, got = ours(ids), hf(ids).logits
+    assert export_model.max_error(got, want) < 0.02
+    assert export_model.max_error(got, want) > 1e-5  # it really is quantized
+
+
 def test_gguf_without_the_package_names_it(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf now raises ImportError
     code, text = run([f"--checkpoint={tiny_checkpoint}", "--format=gguf", f"--out={tmp_path / 'm.gguf'}"], capsys)
