@@ -63,7 +63,7 @@ class PastKV:
     def __init__(self, k: torch.Tensor, v: torch.Tensor):
         self.k, self.v = k, v
 
-    def update(self, slots, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, slots, k: torch.Tensor, v: torch.Tensor, view=None) -> tuple[torch.Tensor, torch.Tensor]:
         self.k, self.v = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
         return self.k, self.v
 

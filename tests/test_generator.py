@@ -221,7 +221,10 @@ def test_processors_equal_transformers_on_bf16_logits_of_a_32k_vocabulary():
         seen_ids = torch.randint(0, V, (B, 20), generator=gen)
         params = [tg.SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m, repetition_penalty=r)
                   for t, k, p, m, r in rows]
-        sampler = tg.Sampler(params, seen_ids.tolist(), V, torch.device("cpu"), torch.Generator())
+        sampler = tg.Sampler(B, V, torch.device("cpu"), torch.Generator())
+        for row, seen in zip(params, seen_ids.tolist()):
+            sampler.add(row, seen)
+        sampler.columns()
         ours = tg.apply_penalties(logits, sampler.seen, None, sampler.repetition, None, None) / sampler.temperature
         ours = tg.top_p_filter(tg.top_k_filter(ours, sampler.top_k), sampler.top_p)
         ours = tg.min_p_filter(ours, sampler.min_p)
