@@ -4,10 +4,11 @@ Train a Llama-style model on one GPU, or on a CPU: the main job.
     python gpu_training_optimized.py                        # a preset for this machine, the built-in corpus
     python gpu_training_optimized.py --preset=rtx4070ti --dataset=my_corpus.txt
     python gpu_training_optimized.py --resume=auto          # continue the run in OUT_DIR exactly where it was
-    python gpu_training_optimized.py --model=tiny --max_steps=200 --compile=false   # a one-minute smoke test
+    python gpu_training_optimized.py --model=tiny --max_steps=200 --compile=false   # a smoke test, tiny model
 
-With no arguments on a CPU it trains the `small` model on the built-in corpus for a few minutes, then prints
-a sample and where the model is. On a GPU it takes the hardware preset sized for the GPU's memory.
+With no arguments on a CPU it trains the `small` model on the built-in corpus for a 6-minute budget (planned again
+at every step: schedule.py), then prints a sample and where the model is. On a GPU it takes the hardware preset
+sized for the GPU's memory. A preset fills in only what you did not give, and only what fits it (with a note).
 The file reads top to bottom: settings, hardware presets, setup, the training step, evaluation, checkpoints,
 monitoring, then main() with the loop.
 """
