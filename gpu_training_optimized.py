@@ -145,9 +145,9 @@ def fit_settings(cfg: dict, given: set[str], model: str, context: int) -> None:
         raise UserError(f"--seq_len={cfg['seq_len']} is above the {model} model's maximum of {context}: give "
                         f"--seq_len={context} or less, or a larger --model", "Configuration")
     if cfg["seq_len"] > context:
-        print(f"note: --seq_len={context} instead of {cfg['seq_len']}: the {model} model reads at most {context} tokens")
+        print(f"note: --seq_len={context} instead of {cfg['seq_len']}: the {model} model's context is {context}")
         cfg["seq_len"] = context
-    for note in fit_to_length(cfg, given, cfg["max_steps"]) if cfg["max_steps"] else []:  # a length, or a budget's cap
+    for note in fit_to_length(cfg, given, cfg["max_steps"]) if cfg["max_steps"] else []:  # or a budget's cap
         print(note)
 
 
@@ -455,16 +455,15 @@ class Run:
     given: set[str] = field(default_factory=set)  # typed or the resumed run's: a budget adapts only the others
 
 
-def setup(cfg: dict, fixed: set[str], resume: Path | None, saved: dict, init: Path | None, device: torch.device,
-          world: World, preset: str, dtype: torch.dtype) -> Run:
-    """Data, model shape and memory plan (all checked before OUT_DIR is touched), then the model, its weights
-    (initial, --init_from's or the resumed run's), the optimizer and the state a resumed run continues from."""
+def setup(cfg: dict, resume: Path | None, saved: dict, init: Path | None, device: torch.device, world: World,
+          preset: str, dtype: torch.dtype) -> Run:
+    """Data and the model's shape (checked before OUT_DIR is touched), then the model, its weights (initial,
+    --init_from's or the resumed run's), the optimizer and the state a resumed run continues from."""
     init_state = load_state_dict(init) if init and not resume else None  # a missing shard stops us here
     meta, train_data, val_data, tokenizer = load_data(cfg, world, init)
     model_cfg = pretrained_config(init, meta) if init else model_preset(cfg["model"], vocab_size=meta["vocab_size"])
     if resume:
         check_same_model(resume, model_cfg)
-    plan_memory(cfg, fixed, model_cfg, device, preset, dtype, world)
 
     if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
         torch.backends.cuda.matmul.allow_tf32 = True  # Ampere+: fp32 matmuls on tensor cores, ~10 mantissa bits
@@ -587,8 +586,7 @@ def replan(run: Run, step: int, monitor: Monitor) -> None:
     if end is None or end == schedule.length:
         return
     if schedule.length is None or schedule.length == cfg["max_steps"]:  # the first plan from a measured step time
-        monitor.bar.write(f"the {cfg['max_minutes']:g}-minute budget allows about {end} steps (planned again at "
-                          "every step)")
+        monitor.bar.write(f"the budget allows about {end} steps (planned again at every step)")
     schedule.length = monitor.bar.total = end
     for note in fit_to_length(cfg, run.given, end, step):
         monitor.bar.write(note)
@@ -677,11 +675,13 @@ def main(argv: list[str]) -> int:
     apply_preset(cfg, fixed, preset)
     validate(cfg)
     init = resolve_init_from(cfg["init_from"]) if cfg["init_from"] else None
-    fit_settings(cfg, given, cfg["init_from"] or cfg["model"],
-                 read_config(init).max_seq_len if init else model_preset(cfg["model"]).max_seq_len)
+    # the model's shape before any data work: a BPE trained here has at most --vocab_size tokens
+    shape = read_config(resume or init) if resume or init else model_preset(cfg["model"], vocab_size=cfg["vocab_size"])
+    fit_settings(cfg, given, cfg["init_from"] or cfg["model"], shape.max_seq_len)
     dtype = pick_dtype(cfg["dtype"], device)
     device, world = start_processes(device, cfg["dist_timeout"])
-    run = setup(cfg, fixed, resume, saved, init, device, world, preset, dtype)
+    plan_memory(cfg, fixed, shape, device, preset, dtype, world)
+    run = setup(cfg, resume, saved, init, device, world, preset, dtype)
     run.schedule, run.budget = run_length(cfg, typed, bool(resume), saved, count_params(run.model.cfg), started)
     run.given = given
 

@@ -50,13 +50,15 @@ class Schedule:
 
 def fit_to_length(cfg: dict, given: set[str], length: int, step: int = 0) -> list[str]:
     """Settings the user did not give, fitted to a run of `length` steps; returns a note for each change. A warm-up
-    of half the run or more is cut to a tenth of it (once past step 0 never below the step reached, so the rate
-    keeps rising); before the run, an interval longer than the run is cut to a quarter of it."""
+    of half the run or more is cut to a tenth of it (once past step 0 not below the step reached, so the rate
+    keeps rising, unless the run ends so soon that only ending the warm-up now lets the last step reach MIN_LR);
+    before the run, an interval longer than the run is cut to a quarter of it."""
     changes = {}
     warmup = cfg["warmup_steps"]
     if "warmup_steps" not in given and 2 * warmup >= length and step < warmup:
-        changes["warmup_steps"] = (max(length // 10, step + 1 if step else 0),
-                                   f"a warm-up of half the {length} steps or more leaves the rate no time to decay")
+        cut = min(max(length // 10, step + 1 if step else 0), length - 2)  # the last step decays, at least
+        changes["warmup_steps"] = (max(0, cut), f"a warm-up of half the {length} steps or more leaves the "
+                                                "learning rate no time to decay")
     for name in ("eval_interval", "checkpoint_interval", "log_interval"):
         if not step and name not in given and cfg[name] > length:
             changes[name] = max(1, length // 4), f"every {cfg[name]} steps never comes in a {length}-step run"
@@ -102,8 +104,8 @@ class TimeBudget:
         """The step to end at (the run ends before taking it); None while the step time is not measured yet."""
         if self.end == step:  # the step just taken was planned as the last
             return step
-        if not self.steps:
-            return step if self.clock() >= self.deadline else cap
+        if not self.steps:  # not measured yet: end only if the final evaluation and saves would overrun already
+            return step if self.clock() + self.end_seconds(0.0) >= self.deadline else cap
         per_step = sum(self.steps) / len(self.steps)
         left = self.deadline - self.clock() - self.end_seconds(per_step)
 

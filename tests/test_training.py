@@ -23,6 +23,7 @@ import cli
 import gpu_training_optimized as train
 import modern_llm
 import prepare_data
+import schedule as schedule_module
 import training_state
 from conftest import ROOT
 
@@ -280,7 +281,7 @@ def test_reference_preset_fits_12_gib_only_with_activation_checkpointing(monkeyp
 
 def factors(cfg: dict, lengths) -> list[float]:
     """The schedule's factor at each step, the length being lengths[step] when that step is taken."""
-    schedule = train.Schedule(cfg, None)
+    schedule = schedule_module.Schedule(cfg, None)
     out = []
     for step, length in enumerate(lengths):
         schedule.length = length
@@ -312,6 +313,21 @@ def test_a_replanned_schedule_never_rises_never_jumps_and_ends_at_min_lr(kind):
     assert f[-1] == pytest.approx(0.1)
 
 
+def test_a_budget_shorter_than_the_warm_up_still_ends_at_min_lr():
+    """A machine so busy that the first plan, at step 3, allows 4 steps: the cpu preset's 30-step warm-up (not
+    given by the user) ends at once, so the last step is at MIN_LR; a warm-up the user gave is kept."""
+    cfg = {"warmup_steps": 30, "lr": 1.0, "min_lr": 0.1, "schedule": "cosine", "decay_fraction": 0.2}
+    schedule = schedule_module.Schedule(cfg, None)
+    f = [schedule.factor(step) for step in range(3)]
+    schedule.length = 4
+    assert schedule_module.fit_to_length(cfg, set(), 4, 3) == [
+        "note: --warmup_steps=2 instead of 30: a warm-up of half the 4 steps or more leaves the learning rate no "
+        "time to decay"]
+    f.append(schedule.factor(3))
+    assert f[:3] == pytest.approx([1 / 30, 2 / 30, 3 / 30]) and f[3] == pytest.approx(0.1)
+    assert schedule_module.fit_to_length(dict(cfg, warmup_steps=30), {"warmup_steps"}, 4, 3) == []
+
+
 class Clock:
     """A test's time: it moves only when the simulated run spends it."""
 
@@ -330,8 +346,9 @@ def test_time_budget_ends_within_5_percent_with_the_rate_at_min_lr(load):
     cfg = {"warmup_steps": 30, "lr": 1.0, "min_lr": 0.1, "schedule": "cosine", "decay_fraction": 0.2,
            "eval_interval": 100, "checkpoint_interval": 100, "eval_steps": 10, "grad_accum": 1}
     clock = Clock()
-    budget = train.TimeBudget(360.0, cfg, checkpoint_bytes=150_000_000, start=clock() - 20, clock=clock)  # data
-    schedule, step, lrs = train.Schedule(cfg, None), 0, []
+    # the script started 20 s ago (data, set-up); a checkpoint of 150 MB
+    budget = schedule_module.TimeBudget(360.0, cfg, checkpoint_bytes=150_000_000, start=clock() - 20, clock=clock)
+    schedule, step, lrs = schedule_module.Schedule(cfg, None), 0, []
     eval_s, save_s, sample_s = 4.0, 1.0, 0.5
 
     def step_seconds(step: int) -> float:
@@ -373,7 +390,7 @@ def test_a_preset_fills_in_only_what_fits(capsys):
     train.apply_preset(cfg, {"model", "max_steps"}, "cpu")
     train.fit_settings(cfg, {"model", "max_steps", "checkpoint_interval"}, "tiny", 128)
     out = capsys.readouterr().out
-    assert cfg["seq_len"] == 128 and "--seq_len=128 instead of 256: the tiny model reads at most 128" in out
+    assert cfg["seq_len"] == 128 and "--seq_len=128 instead of 256: the tiny model's context is 128" in out
     assert cfg["warmup_steps"] == 4 and "--warmup_steps=4 instead of 30" in out
     assert cfg["eval_interval"] == 10 and cfg["checkpoint_interval"] == 100  # the second was given
     cfg = {k.lower(): v for k, v in train._FLAG_DEFAULTS.items()}
