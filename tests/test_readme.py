@@ -96,7 +96,8 @@ CAPS = {
 NOT_CAPS = {
     "serve.py": {"port": "0"},
     "export_model.py": {"force": "true"},
-    "muon_optimizer.py": {"data_dir": "muon/data", "out_dir": "muon"},  # its defaults are in /tmp, shared
+    # its defaults are in /tmp, shared; data/ holds the built-in corpus with the 8,192-token BPE it would make
+    "muon_optimizer.py": {"data_dir": "data", "out_dir": "muon"},
     "speed_optimizations_2025.py": {"out": "speed"},
 }
 INTERACTIVE_INPUT = "Once upon a time\n/temp 0.5\n/quit\n"  # text_generator.py's prompt, typed
