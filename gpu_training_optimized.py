@@ -189,7 +189,7 @@ def plan_memory(cfg: dict, fixed: set[str], model_cfg, device: torch.device, pre
                 dtype: torch.dtype | None, world: World) -> None:
     """Print the predicted peak memory; under torchrun pick DDP, or FSDP where only sharding makes it fit; turn
     activation checkpointing on where that is what makes the run fit (unless the user said no); refuse, naming
-    the knobs, a run that cannot fit."""
+    the knobs, a run that cannot fit. Before any data work (a BPE trained here has at most --vocab_size tokens)."""
     def predict(checkpointing: bool) -> dict:
         return estimate_training_memory(model_cfg, cfg["batch_size"], cfg["seq_len"], cfg["optimizer"],
                                         checkpointing, dtype not in (None, torch.float32), world.size, cfg["parallel"] == "fsdp")
@@ -585,10 +585,11 @@ def replan(run: Run, step: int, monitor: Monitor) -> None:
     end = from_rank0(run.budget.plan(step, cfg["max_steps"] or None), run.device)
     if end is None or end == schedule.length:
         return
-    if schedule.length is None or schedule.length == cfg["max_steps"]:  # the first plan from a measured step time
+    spent = end <= step  # before the step time was measured: the final evaluation would overrun the budget
+    if not spent and (schedule.length is None or schedule.length == cfg["max_steps"]):  # the first measured plan
         monitor.bar.write(f"the budget allows about {end} steps (planned again at every step)")
     schedule.length = monitor.bar.total = end
-    for note in fit_to_length(cfg, run.given, end, step):
+    for note in [] if spent else fit_to_length(cfg, run.given, end, step):
         monitor.bar.write(note)
 
 
@@ -675,7 +676,6 @@ def main(argv: list[str]) -> int:
     apply_preset(cfg, fixed, preset)
     validate(cfg)
     init = resolve_init_from(cfg["init_from"]) if cfg["init_from"] else None
-    # the model's shape before any data work: a BPE trained here has at most --vocab_size tokens
     shape = read_config(resume or init) if resume or init else model_preset(cfg["model"], vocab_size=cfg["vocab_size"])
     fit_settings(cfg, given, cfg["init_from"] or cfg["model"], shape.max_seq_len)
     dtype = pick_dtype(cfg["dtype"], device)

@@ -26,7 +26,8 @@ class Schedule:
     from LR down to MIN_LR at the last step. With a fixed length the decay's progress at `step` is
     (step - warmup) / (length - 1 - warmup). When the length changes (a time budget re-planned), each step moves
     the progress on by (1 - progress) / (steps left), which is the same for a fixed length; so the learning rate
-    never rises after the warm-up, never jumps, and is MIN_LR at the last step of the final plan."""
+    never rises after the warm-up, changes little from step to step while the plan does, and is MIN_LR at the last
+    step of the final plan."""
 
     def __init__(self, cfg: dict, length: int | None, progress: float = 0.0):
         self.cfg = cfg
