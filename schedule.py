@@ -96,10 +96,11 @@ class TimeBudget:
             setattr(self, f"{what}_s", seconds)
 
     def end_seconds(self, per_step: float) -> float:
-        """The final evaluation, checkpoint, model (no bigger than the checkpoint) and the longer sample."""
+        """The final evaluation, checkpoint, model (its weights: about half a checkpoint's time, whose optimizer
+        state is twice their size, but with the same small files) and the longer sample."""
         cfg = self.cfg
         evaluation = self.eval_s if self.eval_s is not None else per_step * cfg["eval_steps"] / (3 * cfg["grad_accum"])
-        return evaluation + 2 * self.save_s + self.sample_s * SAMPLE_TOKENS[1] / SAMPLE_TOKENS[0]
+        return evaluation + 1.5 * self.save_s + self.sample_s * SAMPLE_TOKENS[1] / SAMPLE_TOKENS[0]
 
     def plan(self, step: int, cap: int | None) -> int | None:
         """The step to end at (the run ends before taking it); None while the step time is not measured yet."""
