@@ -84,6 +84,7 @@ class TimeBudget:
         self.sample_s = 0.0  # the last evaluation's sample alone
         self.save_s = checkpoint_bytes / WRITE_BYTES_PER_S  # until a checkpoint is timed
         self.end: int | None = None  # the last plan
+        self.evals = 0  # evaluations timed in this session
 
     def timed(self, what: str, seconds: float) -> None:
         """What the loop measured: a "step" (its whole iteration, evaluation and save left out), an "eval", its
@@ -93,13 +94,17 @@ class TimeBudget:
             if self.seen > WARM_STEPS:
                 self.steps.append(seconds)
         else:
+            self.evals += what == "eval"
             setattr(self, f"{what}_s", seconds)
 
     def end_seconds(self, per_step: float) -> float:
         """The final evaluation, checkpoint, model (its weights: about half a checkpoint's time, whose optimizer
         state is twice their size, but with the same small files) and the longer sample."""
         cfg = self.cfg
-        evaluation = self.eval_s if self.eval_s is not None else per_step * cfg["eval_steps"] / (3 * cfg["grad_accum"])
+        forward = per_step * cfg["eval_steps"] / (3 * cfg["grad_accum"]) + self.sample_s  # at the training speed
+        evaluation = self.eval_s if self.eval_s is not None else forward
+        if self.evals == 1 and per_step:  # the session's first also paid one-time costs (imports, first drawing)
+            evaluation = min(evaluation, forward)
         return evaluation + 1.5 * self.save_s + self.sample_s * SAMPLE_TOKENS[1] / SAMPLE_TOKENS[0]
 
     def plan(self, step: int, cap: int | None) -> int | None:

@@ -419,9 +419,7 @@ def test_max_steps_caps_a_budgeted_run_from_the_first_step(data_root, tmp_path):
 @pytest.mark.slow
 def test_time_budget_holds_and_ends_at_min_lr(data_root, tmp_path, capsys):
     """A real 30-second budget (no step cap): from main()'s start to its end, final evaluation and save included,
-    never more than 5% over the budget; the last step at MIN_LR. Under it by up to 10%: the final evaluation is
-    planned from the first one, which also paid one-time costs (the first loss.png draws, imports); the 5% bound
-    itself is tested with a clock above."""
+    within 5% of the budget; the last step at MIN_LR."""
     out = tmp_path / "out"
     assert train.main(flags(data_root, out, "--max_minutes=0.5", "--max_steps=0", "--min_lr=1e-5",
                             "--checkpoint_interval=200")) == 0
@@ -429,7 +427,7 @@ def test_time_budget_holds_and_ends_at_min_lr(data_root, tmp_path, capsys):
     assert "budget allows about" in printed
     used = float(re.search(r"time budget 30.0 s, used ([\d.]+) s", printed).group(1))
     print(f"planned 30.0 s, used {used:.1f} s")
-    assert 27 <= used <= 31.5, printed[-2000:]
+    assert abs(used - 30) <= 1.5, printed[-2000:]
     steps = [r for r in metrics(out) if "loss" in r]
     assert len(steps) > 20
     assert steps[-1]["lr"] == pytest.approx(1e-5)
