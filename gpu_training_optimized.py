@@ -4,10 +4,11 @@ Train a Llama-style model on one GPU, or on a CPU: the main job.
     python gpu_training_optimized.py                        # a preset for this machine, the built-in corpus
     python gpu_training_optimized.py --preset=rtx4070ti --dataset=my_corpus.txt
     python gpu_training_optimized.py --resume=auto          # continue the run in OUT_DIR exactly where it was
-    python gpu_training_optimized.py --model=tiny --max_steps=200 --compile=false   # a one-minute smoke test
+    python gpu_training_optimized.py --model=tiny --max_steps=200 --compile=false   # a smoke test, tiny model
 
-With no arguments on a CPU it trains the `small` model on the built-in corpus for a few minutes, then prints
-a sample and where the model is. On a GPU it takes the hardware preset sized for the GPU's memory.
+With no arguments on a CPU it trains the `small` model on the built-in corpus for a 6-minute budget (planned again
+at every step: schedule.py), then prints a sample and where the model is. On a GPU it takes the hardware preset
+sized for the GPU's memory. A preset fills in only what you did not give, and only what fits it (with a note).
 The file reads top to bottom: settings, hardware presets, setup, the training step, evaluation, checkpoints,
 monitoring, then main() with the loop.
 """
@@ -20,24 +21,23 @@ import shutil
 import signal
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import prepare_data
-from checkpoint import (CHECKPOINT_PREFIX, list_checkpoints, load_state_dict, load_weights, read_config,
-                        read_quantization, resolve_checkpoint)
-from corpora import looks_like_path
+from checkpoint import (CHECKPOINT_PREFIX, list_checkpoints, load_state_dict, load_weights, read_config)
 from cli import UserError, check_output_path, parse_flags, peak_flops, pick_device, pick_dtype, run_main, settings_block
 from distributed import (World, any_process, from_rank0, gradient_sync, mean_over_processes, rank0_first, replicate,
                          run_torchrun, shard, start_processes)
 from modern_llm import LLM, count_params, estimate_training_memory, flops_per_token, model_preset
 from monitor import GiB, Monitor
 from muon_optimizer import build_optimizer
-from training_state import (check_same_model, find_resume, prune_checkpoints, restore, save_final_model,
-                            save_training_checkpoint, trainer_state)
+from schedule import SAMPLE_TOKENS, Schedule, TimeBudget, fit_to_length, run_length
+from training_state import (check_same_model, find_resume, prune_checkpoints, resolve_init_from, restore,
+                            save_final_model, save_training_checkpoint, trainer_state)
 
 # -----------------------------------------------------------------------------
 # Settings (each is a flag: --max_steps=500); a hardware preset fills in the ones not given
@@ -116,7 +116,7 @@ NOT_INHERITED = ("resume", "out_dir", "stop_after", "parallel")
 
 def validate(cfg: dict) -> None:
     """Every setting checked before anything is read or written, one clear line per mistake."""
-    choices = {"schedule": ("cosine", "wsd"), "optimizer": ("adamw", "muon"),
+    choices = {"task": ("auto", "pretrain", "sft"), "schedule": ("cosine", "wsd"), "optimizer": ("adamw", "muon"),
                "dtype": ("auto", "bfloat16", "float16", "float32"), "parallel": ("auto", "ddp", "fsdp"),
                "compile_mode": ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")}
     for name, allowed in choices.items():
@@ -140,6 +140,19 @@ def validate(cfg: dict) -> None:
     check_output_path(cfg["out_dir"], "--out_dir", beside=True)  # the final model is renamed in from beside it
 
 
+def fit_settings(cfg: dict, given: set[str], model: str, context: int) -> None:
+    """A preset fills in only what fits: a setting the user did not give (typed, or a resumed run's) that does not
+    fit one they gave is adapted, with a note saying why. Given settings that cannot run together are an error."""
+    if cfg["seq_len"] > context and "seq_len" in given:
+        raise UserError(f"--seq_len={cfg['seq_len']} is above the {model} model's maximum of {context}: give "
+                        f"--seq_len={context} or less, or a larger --model", "Configuration")
+    if cfg["seq_len"] > context:
+        print(f"note: --seq_len={context} instead of {cfg['seq_len']}: the {model} model's context is {context}")
+        cfg["seq_len"] = context
+    for note in fit_to_length(cfg, given, cfg["max_steps"]) if cfg["max_steps"] else []:  # or a budget's cap
+        print(note)
+
+
 def choose_preset(name: str, device: torch.device) -> str:
     """`auto`: cpu off CUDA; on CUDA the largest preset whose memory the GPU has (90%: 12 GB cards report 11.7)."""
     if name != "auto":
@@ -155,6 +168,9 @@ def apply_preset(cfg: dict, given: set[str], preset: str) -> None:
     for name, value in HARDWARE[preset].items():
         if name in cfg and name not in given:
             cfg[name] = value
+    if cfg["max_steps"] == cfg["max_minutes"] == 0 and "max_steps" not in given:  # --max_minutes=0 on the cpu preset
+        print(f"note: --max_steps={MAX_STEPS} instead of the {preset} preset's 0: --max_minutes=0 needs a length")
+        cfg["max_steps"] = MAX_STEPS
 
 
 def memory_budget(device: torch.device, preset: str) -> tuple[int, str]:
@@ -175,7 +191,7 @@ def plan_memory(cfg: dict, fixed: set[str], model_cfg, device: torch.device, pre
                 dtype: torch.dtype | None, world: World) -> None:
     """Print the predicted peak memory; under torchrun pick DDP, or FSDP where only sharding makes it fit; turn
     activation checkpointing on where that is what makes the run fit (unless the user said no); refuse, naming
-    the knobs, a run that cannot fit."""
+    the knobs, a run that cannot fit. Before any data work (a BPE trained here has at most --vocab_size tokens)."""
     def predict(checkpointing: bool) -> dict:
         return estimate_training_memory(model_cfg, cfg["batch_size"], cfg["seq_len"], cfg["optimizer"],
                                         checkpointing, dtype not in (None, torch.float32), world.size, cfg["parallel"] == "fsdp")
@@ -225,41 +241,9 @@ def finetune_defaults(cfg: dict, fixed: set[str], typed: set[str]) -> None:
             fixed.add(name)
 
 
-def resolve_init_from(name: str) -> Path:
-    """A local Llama folder or an earlier run's OUT_DIR (its newest checkpoint), else a hub model downloaded once
-    into the Hugging Face cache (config, safetensors and tokenizer files only)."""
-    path = Path(name).expanduser()
-    if not path.exists() and not looks_like_path(name):
-        path = download_model(name)
-    path = resolve_checkpoint(path)
-    read_config(path)  # refuses, naming the field, what our model cannot represent: before any work on data
-    if read_quantization(path):
-        raise UserError(f"--init_from={name}: an int8 checkpoint cannot be trained; start from the floating-point "
-                        "one it was exported from", "Fine-tuning")
-    return path
-
-
-def download_model(name: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
-    except LocalEntryNotFoundError:
-        raise UserError(f"--init_from={name!r} is not a local folder and the Hugging Face hub cannot be reached to "
-                        f"download it (offline?): download it where there is a network (hf download {name} "
-                        "--local-dir DIR) and pass --init_from=DIR", "Fine-tuning") from None
-    except (HFValidationError, HfHubHTTPError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--init_from={name!r} is neither a local folder nor a model the Hugging Face hub gives "
-                        f"(a gated model needs `hf auth login`): {first}", "Fine-tuning") from None
-
-
 def prepare_dataset(cfg: dict, init: Path | None) -> Path:
     """Token shards, or chat data for SFT (--task=sft, or auto with a .jsonl whose lines have "messages"),
     tokenized with --tokenizer, else --init_from's tokenizer, else a BPE trained here on the data."""
-    if cfg["task"] not in ("auto", "pretrain", "sft"):
-        raise UserError(f"--task={cfg['task']!r} is not one of: auto, pretrain, sft", "Configuration")
     tokenizer = cfg["tokenizer"] or (str(init) if init else None)
     chat = bool(prepare_data.chat_files(cfg["dataset"]))
     if cfg["task"] == "sft" and not chat:
@@ -282,7 +266,7 @@ def pretrained_config(init: Path, meta: dict):
 
 
 # -----------------------------------------------------------------------------
-# Model, optimizer, schedule
+# Model and its compilation
 
 
 def build_model(model_cfg, device: torch.device, cfg: dict, init_state: dict | None = None) -> LLM:
@@ -316,48 +300,6 @@ def compile_model(model: LLM, cfg: dict, device: torch.device):
         mode = "max-autotune" if device.type == "cuda" else "default"
     torch._dynamo.config.suppress_errors = True  # a compiler failure falls back to eager with a warning
     return torch.compile(model, mode=None if mode == "default" else mode)
-
-
-def lr_factor(step: int, cfg: dict, max_steps: int | None) -> float:
-    """Learning rate / LR at `step`: linear warm-up, then cosine or warmup-stable-decay down to MIN_LR.
-    Before a time-budgeted run knows its length (max_steps None) it holds the peak."""
-    warmup, floor = cfg["warmup_steps"], cfg["min_lr"] / cfg["lr"]
-    if step < warmup:
-        return (step + 1) / warmup
-    if max_steps is None:
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-    if cfg["schedule"] == "cosine":
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    stable = 1 - cfg["decay_fraction"]
-    return 1.0 if progress < stable else 1 - (1 - floor) * (progress - stable) / cfg["decay_fraction"]
-
-
-def plan_steps(step: int, seconds_per_step: float, seconds_left: float, eval_seconds: float, cfg: dict) -> int:
-    """The schedule's length that spends the time left: steps, plus the evaluations among them and the final one."""
-    per_step = seconds_per_step + eval_seconds / cfg["eval_interval"]
-    planned = step + max(1, int((seconds_left - eval_seconds) / per_step))
-    return min(planned, cfg["max_steps"]) if cfg["max_steps"] else planned
-
-
-class TimeBudget:
-    """A --max_minutes run's length: unknown until the step time is measured over 5 steps after the first two
-    (they include compilation); then fixed, so the learning rate reaches MIN_LR as the time runs out."""
-
-    def __init__(self, minutes: float, start_step: int):
-        self.deadline = time.time() + 60 * minutes
-        self.start_step = start_step
-        self.mark: tuple[float, int] | None = None  # (time, step) from which the step time is measured
-
-    def plan(self, step: int, eval_seconds: float, cfg: dict) -> int | None:
-        if self.mark is None:
-            if step >= self.start_step + 2:
-                self.mark = (time.time(), step)
-            return None
-        if step < self.mark[1] + 5:
-            return None
-        per_step = (time.time() - self.mark[0]) / (step - self.mark[1])
-        return plan_steps(step, per_step, self.deadline - time.time(), eval_seconds, cfg)
 
 
 # -----------------------------------------------------------------------------
@@ -503,7 +445,6 @@ class Run:
     tokenizer: Any
     token_ids: dict
     start_step: int
-    max_steps: int | None  # None: a time budget whose length is not measured yet
     best: float | None  # best validation loss so far
     last_saved: Path | None
     tokens_per_step: int
@@ -512,22 +453,20 @@ class Run:
     peak_flops: float | None
     bytes_per_token: float
     task: str  # "sft" (chat data) or "pretrain", recorded beside each checkpoint for serve.py's chat page
+    schedule: Schedule | None = None  # its length is the step the run ends at (None: a budget not measured yet)
+    budget: TimeBudget | None = None  # --max_minutes: plans the length again at every step
+    given: set[str] = field(default_factory=set)  # typed or the resumed run's: a budget adapts only the others
 
 
-def setup(cfg: dict, fixed: set[str], typed: set[str], resume: Path | None, saved: dict, device: torch.device,
-          world: World, preset: str, dtype: torch.dtype) -> Run:
-    """Data, model shape and memory plan (all checked before OUT_DIR is touched), then the model, its weights
-    (initial, --init_from's or the resumed run's), the optimizer and the state a resumed run continues from."""
-    init = resolve_init_from(cfg["init_from"]) if cfg["init_from"] else None
+def setup(cfg: dict, resume: Path | None, saved: dict, init: Path | None, device: torch.device, world: World,
+          preset: str, dtype: torch.dtype) -> Run:
+    """Data and the model's shape (checked before OUT_DIR is touched), then the model, its weights (initial,
+    --init_from's or the resumed run's), the optimizer and the state a resumed run continues from."""
     init_state = load_state_dict(init) if init and not resume else None  # a missing shard stops us here
     meta, train_data, val_data, tokenizer = load_data(cfg, world, init)
     model_cfg = pretrained_config(init, meta) if init else model_preset(cfg["model"], vocab_size=meta["vocab_size"])
-    if cfg["seq_len"] > model_cfg.max_seq_len:
-        raise UserError(f"--seq_len={cfg['seq_len']} is above the {cfg['init_from'] or cfg['model']} model's "
-                        f"maximum of {model_cfg.max_seq_len}", "Configuration")
     if resume:
         check_same_model(resume, model_cfg)
-    plan_memory(cfg, fixed, model_cfg, device, preset, dtype, world)
 
     if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
         torch.backends.cuda.matmul.allow_tf32 = True  # Ampere+: fp32 matmuls on tensor cores, ~10 mantissa bits
@@ -543,14 +482,9 @@ def setup(cfg: dict, fixed: set[str], typed: set[str], resume: Path | None, save
     train_model = wrap_for_training(model, cfg, world, device, dtype)
     optimizer = build_optimizer(model, cfg["optimizer"], lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    start_step, max_steps = 0, None if cfg["max_minutes"] else cfg["max_steps"]
+    start_step = saved.get("global_step", 0)
     if resume:
         restore(resume, model, optimizer, scaler)
-        start_step = saved["global_step"]
-        if "max_steps" in typed:
-            max_steps = cfg["max_steps"]
-        elif "max_minutes" not in typed:
-            max_steps = saved.get("max_steps")
         print(f"resuming from {resume} at step {start_step}")
 
     global_batch = cfg["batch_size"] * cfg["grad_accum"] * world.size  # sequences per optimizer step
@@ -566,7 +500,7 @@ def setup(cfg: dict, fixed: set[str], typed: set[str], resume: Path | None, save
               train_data=train_data, val_data=val_data, tokenizer=tokenizer,
               token_ids={"bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id,
                          "pad_id": tokenizer.pad_token_id},
-              start_step=start_step, max_steps=max_steps, best=saved.get("best_val_loss"), last_saved=resume,
+              start_step=start_step, best=saved.get("best_val_loss"), last_saved=resume,
               tokens_per_step=tokens_per_step, global_batch=global_batch,
               flops_per_step=flops_per_token(model_cfg, cfg["seq_len"]) * tokens_per_step, peak_flops=peak,
               # chat data: bytes per token the loss is on (the assistant's)
@@ -590,7 +524,7 @@ def setup(cfg: dict, fixed: set[str], typed: set[str], resume: Path | None, save
 def ending(run: Run, step: int, stop: list) -> str | None:
     """Why this session ends at `step`, or None to go on: "finished" (the schedule is done), the name of the
     signal that asked to stop (on any process, so all stop at the same step), or "stop_after"."""
-    if run.max_steps is not None and step >= run.max_steps:
+    if run.schedule.length is not None and step >= run.schedule.length:
         return "finished"
     if any_process(bool(stop), run.device):
         return stop[0] if stop else "SIGTERM"
@@ -602,15 +536,19 @@ def ending(run: Run, step: int, stop: list) -> str | None:
 def evaluate_and_show(run: Run, step: int, monitor: Monitor) -> dict:
     result = evaluate(run.model, run.val_data, run.cfg["eval_steps"], run.autocast, run.device, run.bytes_per_token)
     run.best = result["val_loss"] if run.best is None else min(run.best, result["val_loss"])
-    text = sample(run.model, run.tokenizer, run.token_ids["eos_id"], 32, run.autocast, run.device,
+    t = time.time()
+    text = sample(run.model, run.tokenizer, run.token_ids["eos_id"], SAMPLE_TOKENS[0], run.autocast, run.device,
                   run.cfg["seed"] + step)
+    timed(run.budget, "sample", t)  # the final, longer sample is planned from it
     monitor.evaluation(step, result, text)
     return result
 
 
 def save(run: Run, step: int, val_loss: float | None) -> None:
-    record = {"global_step": step, "max_steps": run.max_steps, "best_val_loss": run.best, "val_loss": val_loss,
-              "tokens_seen": step * run.tokens_per_step, "global_batch": run.global_batch, "task": run.task,
+    record = {"global_step": step, "max_steps": run.schedule.length, "lr_progress": run.schedule.progress,
+              "budget_left_s": run.budget.deadline - time.time() if run.budget else None, "best_val_loss": run.best,
+              "val_loss": val_loss, "tokens_seen": step * run.tokens_per_step, "global_batch": run.global_batch,
+              "task": run.task,
               "config": run.cfg}
     run.last_saved = save_training_checkpoint(run.out, step, run.model, run.optimizer, run.scaler, run.tokenizer,
                                               record, run.token_ids)
@@ -623,7 +561,7 @@ def one_step(run: Run, step: int) -> tuple[tuple[float, float] | None, float]:
     norm) or None if it was skipped as non-finite, and the seconds it took."""
     cfg = run.cfg
     for g in run.optimizer.param_groups:
-        g["lr"] = g["base_lr"] * lr_factor(step, cfg, run.max_steps)
+        g["lr"] = g["base_lr"] * run.schedule.factor(step)
     t = time.time()
     try:
         micro = [run.train_data.get_batch(step, m, run.device) for m in range(cfg["grad_accum"])]
@@ -637,30 +575,56 @@ def one_step(run: Run, step: int) -> tuple[tuple[float, float] | None, float]:
     return result, time.time() - t
 
 
+def timed(budget: TimeBudget | None, what: str, since: float) -> float:
+    """Tell a time budget what took the seconds since `since`; returns them."""
+    seconds = time.time() - since
+    if budget:
+        budget.timed(what, seconds)
+    return seconds
+
+
+def replan(run: Run, step: int, monitor: Monitor) -> None:
+    """A time budget's length planned again from the time left (rank 0's plan for every process), and a warm-up
+    the user did not give cut to fit it."""
+    cfg, schedule = run.cfg, run.schedule
+    end = from_rank0(run.budget.plan(step, cfg["max_steps"] or None), run.device)
+    if end is None or end == schedule.length:
+        return
+    spent = end <= step  # before the step time was measured: the final evaluation would overrun the budget
+    if not spent and (schedule.length is None or schedule.length == cfg["max_steps"]):  # the first measured plan
+        monitor.bar.write(f"the budget allows about {end} steps (planned again at every step)")
+    schedule.length = monitor.bar.total = end
+    for note in [] if spent else fit_to_length(cfg, run.given, end, step):
+        monitor.bar.write(note)
+
+
 def train(run: Run, monitor: Monitor, stop: list) -> tuple[str, int, dict | None]:
-    """evaluate -> save -> stop? -> one step -> log, until the session ends. Returns why it ended (see ending()),
-    the step it ended at and the last evaluation."""
-    cfg = run.cfg
-    step, bad, last_eval, eval_step, eval_seconds = run.start_step, 0, None, None, 0.0
-    budget = TimeBudget(cfg["max_minutes"], step) if run.max_steps is None else None
+    """plan -> evaluate -> save -> stop? -> one step -> log, until the session ends. Returns why it ended (see
+    ending()), the step it ended at and the last evaluation."""
+    cfg, budget = run.cfg, run.budget
+    step, bad, last_eval, eval_step = run.start_step, 0, None, None
     t_start = time.time()
     while True:
+        t_iteration, planned_apart = time.time(), 0.0  # a step's time: its iteration less evaluation and save
+        if budget:
+            replan(run, step, monitor)
         end = ending(run, step, stop)
         # Evaluate every EVAL_INTERVAL steps and at the end. A resumed run was evaluated at its first step
         # before that checkpoint was saved; a fresh one has not been, so step 0 is evaluated.
         if end == "finished" or (step % cfg["eval_interval"] == 0 and (step != run.start_step or step == 0)):
             t = time.time()
             last_eval, eval_step = evaluate_and_show(run, step, monitor), step
-            eval_seconds = time.time() - t  # the time budget plans for evaluations too
+            planned_apart += timed(budget, "eval", t)
         # Save every CHECKPOINT_INTERVAL steps and whenever the session ends; not the step resumed from (it is
         # saved already), nor right after a skipped non-finite step.
         if step != run.start_step and bad == 0 and (end or step % cfg["checkpoint_interval"] == 0):
+            t = time.time()
             save(run, step, last_eval["val_loss"] if eval_step == step else None)
+            planned_apart += timed(budget, "save", t)
         if end == "finished":
             save_final_model(run.out, run.model, run.tokenizer, run.token_ids, step, run.best, run.task)
         if end:
             return end, step, last_eval
-
         result, dt = one_step(run, step)
         step += 1
 
@@ -673,32 +637,28 @@ def train(run: Run, monitor: Monitor, stop: list) -> tuple[str, int, dict | None
                 raise UserError(f"the loss was NaN/inf {bad} steps in a row (step {step}): stopped without saving; "
                                 f"{where}. Lower --lr, raise --warmup_steps or use --dtype=bfloat16, then "
                                 "--resume=auto", "Loss is NaN or inf")
-            continue
-        bad = 0
-        mfu = run.flops_per_step / dt / (run.peak_flops * run.world.size) if run.peak_flops else None
-        monitor.train_step({"step": step, "loss": result[0], "lr": run.optimizer.param_groups[0]["lr"],
-                            "grad_norm": result[1], "tokens_per_s": run.tokens_per_step / dt, "mfu": mfu,
-                            "elapsed_s": time.time() - t_start}, run.device, cfg["log_interval"])
-
-        # A time budget fixes the schedule's length once the step time is measured (rank 0's plan for all).
-        if run.max_steps is None:
-            run.max_steps = from_rank0(budget.plan(step, eval_seconds, cfg), run.device)
-            if run.max_steps is not None:
-                monitor.bar.total = run.max_steps
-                monitor.bar.write(f"the {cfg['max_minutes']:g}-minute budget allows {run.max_steps} steps")
+        else:
+            bad = 0
+            mfu = run.flops_per_step / dt / (run.peak_flops * run.world.size) if run.peak_flops else None
+            monitor.train_step({"step": step, "loss": result[0], "lr": run.optimizer.param_groups[0]["lr"],
+                                "grad_norm": result[1], "tokens_per_s": run.tokens_per_step / dt, "mfu": mfu,
+                                "elapsed_s": time.time() - t_start}, run.device, cfg["log_interval"])
+        timed(budget, "step", t_iteration + planned_apart)  # the seconds since then, less those planned apart
 
 
-def report(run: Run, end: str, step: int, last_eval: dict | None, seconds: float) -> int:
+def report(run: Run, end: str, step: int, last_eval: dict | None, seconds: float, started: float) -> int:
     """What the session did and where the model is; the exit code (130/143 when a signal stopped it)."""
     if end == "finished":
         trained = (step - run.start_step) * run.tokens_per_step
         print(f"\ndone: {step} steps, val loss {last_eval['val_loss']:.4f} (perplexity {last_eval['val_ppl']:.1f}, "
               f"{last_eval['val_bpb']:.3f} bits/byte), {seconds / 60:.1f} min, {trained / seconds:,.0f} tokens/s")
-        text = sample(run.model, run.tokenizer, run.token_ids["eos_id"], 100, run.autocast, run.device,
+        text = sample(run.model, run.tokenizer, run.token_ids["eos_id"], SAMPLE_TOKENS[1], run.autocast, run.device,
                       run.cfg["seed"])
         print(f"sample:\n{text}\n")
         print(f"model saved to {run.out}/ (checkpoints: {', '.join(p.name for p in list_checkpoints(run.out))}); "
               f"try:\n  python text_generator.py --checkpoint={run.out}")
+        if run.budget:
+            print(f"time budget {run.budget.seconds:.1f} s, used {time.time() - started:.1f} s from the start")
         return 0
     if end == "stop_after":
         print(f"stopped after step {step} (--stop_after): saved {run.last_saved}; continue with --resume=auto")
@@ -712,24 +672,32 @@ def report(run: Run, end: str, step: int, last_eval: dict | None, seconds: float
 
 
 def main(argv: list[str]) -> int:
+    started = time.time()  # a time budget counts from here: data, set-up, training, the final evaluation and save
     cfg, typed = parse_flags(_FLAG_DEFAULTS, argv, __file__, usage=__doc__)
     resume, saved, fixed = settle_settings(cfg, typed)
+    given = typed | (set(saved.get("config", {})) - set(NOT_INHERITED))
     device = pick_device(cfg["device"])
     preset = choose_preset(cfg["preset"], device)
     apply_preset(cfg, fixed, preset)
     validate(cfg)
+    init = resolve_init_from(cfg["init_from"]) if cfg["init_from"] else None
+    shape = read_config(resume or init) if resume or init else model_preset(cfg["model"], vocab_size=cfg["vocab_size"])
+    fit_settings(cfg, given, cfg["init_from"] or cfg["model"], shape.max_seq_len)
     dtype = pick_dtype(cfg["dtype"], device)
     device, world = start_processes(device, cfg["dist_timeout"])
-    run = setup(cfg, fixed, typed, resume, saved, device, world, preset, dtype)
+    plan_memory(cfg, fixed, shape, device, preset, dtype, world)
+    run = setup(cfg, resume, saved, init, device, world, preset, dtype)
+    run.schedule, run.budget = run_length(cfg, typed, bool(resume), saved, count_params(run.model.cfg), started)
+    run.given = given
 
-    monitor = Monitor(run.out, run.start_step, run.max_steps, enabled=world.rank == 0)
+    monitor = Monitor(run.out, run.start_step, run.schedule.length, enabled=world.rank == 0)
     t_start = time.time()
     try:
         with stop_requests() as stop:
             end, step, last_eval = train(run, monitor, stop)
     finally:
         monitor.close()
-    return report(run, end, step, last_eval, time.time() - t_start)
+    return report(run, end, step, last_eval, time.time() - t_start, started)
 
 
 if __name__ == "__main__":

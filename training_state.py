@@ -5,7 +5,8 @@ OUT_DIR/checkpoint-<step>/ is a complete Hugging Face checkpoint (checkpoint.py)
 it: trainer_state.json (step, schedule length, validation loss, the task: "pretrain" or chat fine-tuning "sft",
 the run's settings) and training_state.pt
 (optimizer, GradScaler and RNG states, loaded with weights_only=True). The newest KEEP_CHECKPOINTS are kept,
-plus the best by validation loss; the final model goes to OUT_DIR itself.
+plus the best by validation loss; the final model goes to OUT_DIR itself. A run may also start from another
+model's weights (--init_from): a local Llama folder, a run's OUT_DIR, or a hub model downloaded once.
 """
 
 from __future__ import annotations
@@ -19,15 +20,16 @@ from pathlib import Path
 import torch
 
 from checkpoint import (CHECKPOINT_PREFIX, STATE_FILE, CheckpointError, is_complete_checkpoint, list_checkpoints,
-                        read_config, resolve_checkpoint, save_checkpoint)
+                        read_config, read_quantization, resolve_checkpoint, save_checkpoint)
 from cli import UserError
+from corpora import looks_like_path
 from distributed import load_optimizer_state, wait_for_rank0, whole_model, whole_optimizer_state
 from modern_llm import LLM
 
 TRAINING_STATE = "training_state.pt"  # optimizer, GradScaler and RNG states, beside a checkpoint's weights
 
 # -----------------------------------------------------------------------------
-# Finding what to resume
+# Finding what to resume, or to start from
 
 
 def find_resume(cfg: dict) -> Path | None:
@@ -47,6 +49,36 @@ def find_resume(cfg: dict) -> Path | None:
         raise UserError(f"{out} already holds a training run: continue it with --resume=auto, or start a new one "
                         "with another --out_dir", "Resuming a run")
     return None
+
+
+def resolve_init_from(name: str) -> Path:
+    """A local Llama folder or an earlier run's OUT_DIR (its newest checkpoint), else a hub model downloaded once
+    into the Hugging Face cache (config, safetensors and tokenizer files only)."""
+    path = Path(name).expanduser()
+    if not path.exists() and not looks_like_path(name):
+        path = download_model(name)
+    path = resolve_checkpoint(path)
+    read_config(path)  # refuses, naming the field, what our model cannot represent: before any work on data
+    if read_quantization(path):
+        raise UserError(f"--init_from={name}: an int8 checkpoint cannot be trained; start from the floating-point "
+                        "one it was exported from", "Fine-tuning")
+    return path
+
+
+def download_model(name: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except LocalEntryNotFoundError:
+        raise UserError(f"--init_from={name!r} is not a local folder and the Hugging Face hub cannot be reached to "
+                        f"download it (offline?): download it where there is a network (hf download {name} "
+                        "--local-dir DIR) and pass --init_from=DIR", "Fine-tuning") from None
+    except (HFValidationError, HfHubHTTPError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--init_from={name!r} is neither a local folder nor a model the Hugging Face hub gives "
+                        f"(a gated model needs `hf auth login`): {first}", "Fine-tuning") from None
 
 
 def trainer_state(path: Path) -> dict:

@@ -18,10 +18,10 @@ import torch
 from tqdm import tqdm
 
 from cli import UserError, parse_flags, run_main, settings_block
-from gpu_training_optimized import lr_factor
 from modern_llm import LLM, model_preset
 from muon_optimizer import build_optimizer
 from prepare_data import BatchLoader, load_meta, prepare
+from schedule import Schedule
 
 MODEL = "small"  # model size preset to train
 DATA_DIR = "/tmp/muon_benchmark/data"  # where the built-in corpus is tokenized (once)
@@ -55,11 +55,13 @@ def train_run(cfg: dict, model_cfg, data_dir, optimizer: str, lr: float, val_bat
     model = LLM(model_cfg)
     opt = build_optimizer(model, optimizer, lr=lr, weight_decay=cfg["weight_decay"])
     train = BatchLoader(data_dir, "train", cfg["batch_size"], cfg["seq_len"], seed=cfg["seed"])
-    schedule = {"warmup_steps": cfg["warmup_steps"], "lr": 1.0, "min_lr": 0.1, "schedule": "wsd", "decay_fraction": 1.0}
+    lrs = Schedule({"warmup_steps": cfg["warmup_steps"], "lr": 1.0, "min_lr": 0.1, "schedule": "wsd",
+                    "decay_fraction": 1.0}, cfg["steps"])
     curve, step_s, opt_s = [(0, val_loss(model, val_batches))], [], []
     for step in tqdm(range(cfg["steps"]), desc=f"{optimizer} lr={lr:g}", leave=False, mininterval=5):
+        factor = lrs.factor(step)
         for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * lr_factor(step, schedule, cfg["steps"])
+            g["lr"] = g["base_lr"] * factor
         x, y = train.get_batch(step)
         start = time.perf_counter()
         with torch.autocast("cpu", torch.bfloat16):  # bf16 matmuls are ~4x faster than fp32 on this kind of CPU

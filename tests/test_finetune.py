@@ -80,7 +80,8 @@ def test_init_from_matches_transformers_then_trains_into_a_directory_transformer
     assert train.main(run_flags(tmp_path, path, text, "--max_steps=3", "--seq_len=16", "--freeze_embeddings=true")) == 0
     out = tmp_path / "out"
     state = json.loads((out / "checkpoint-3" / checkpoint.STATE_FILE).read_text())["config"]
-    assert (state["lr"], state["min_lr"], state["warmup_steps"]) == (5e-5, 5e-6, 20)  # fine-tune defaults
+    assert (state["lr"], state["min_lr"], state["warmup_steps"]) == (5e-5, 5e-6, 0)  # fine-tune defaults, the
+    # warm-up of 20 cut to fit the 3 steps (a preset's or FINETUNE's value gives way to a --max_steps typed)
     assert checkpoint.saved_state(out)["task"] == "pretrain" and not checkpoint.trained_on_chats(out)  # plain text
     saved, before = load_file(out / checkpoint.WEIGHTS_FILE), theirs.state_dict()
     assert torch.equal(saved["model.embed_tokens.weight"], before["model.embed_tokens.weight"])  # frozen
@@ -170,7 +171,7 @@ def test_short_sft_run_teaches_the_answers_it_trained_on(tmp_path, tiny_tokenize
     init = make_checkpoint(tmp_path / "init", tiny_tokenizer, seed=3)
     convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in QA]
     chats = write_jsonl(tmp_path / "chats.jsonl", convs)
-    assert train.main(run_flags(tmp_path, init, chats, "--max_steps=80", "--batch_size=8", "--seq_len=96",
+    assert train.main(run_flags(tmp_path, init, chats, "--max_steps=90", "--batch_size=8", "--seq_len=96",
                                 "--lr=1e-2", "--warmup_steps=5", "--task=sft")) == 0
     meta = prepare_data.load_meta(next((tmp_path / "data").iterdir()))
     held_out = {int(w.rsplit(" ", 1)[1]) for w in meta["val_conversations"]}

@@ -16,7 +16,7 @@ PROJECT = {p.stem for p in ROOT.glob("*.py")} | {f"benchmarks.{p.stem}" for p in
 # import anything.
 LAYERS = [
     {"cli"},
-    {"modern_llm", "muon_optimizer"},
+    {"modern_llm", "muon_optimizer", "schedule"},
     {"checkpoint", "corpora", "distributed", "monitor"},
     {"prepare_data", "training_state"},
     {"gpu_training_optimized", "text_generator", "evaluate_model", "export_model", "serve_requests"},

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-import corpora
 from conftest import ROOT, SAMPLE_TEXT, make_checkpoint
 
 SCRIPTS = sorted(p for p in ROOT.glob("*.py"))
@@ -61,11 +60,13 @@ def test_every_error_names_an_existing_readme_section():
 
 
 # -----------------------------------------------------------------------------
-# Every command in the README runs: the ```bash blocks (and the `python ...` lines of ```powershell blocks) are
-# run here on a CPU, in order, in one temporary folder holding the files they name (a tiny corpus, chats, a small
-# local "pretrained" model), with only their sizes made tiny (SIZES and rewrite()). The few that cannot run in CI
-# are listed in NOT_RUN with the reason; their flags are still given to the script's own parser (with --help
-# last, which parses every flag before it and exits), so a renamed flag breaks this test, not a user.
+# Every command in the README runs as written: the ```bash blocks (and the `python ...` lines of ```powershell
+# blocks) are run here on a CPU, in order, in one temporary folder holding the files they name (small text files,
+# chats, a tiny local "pretrained" model). A test may only shorten a command (CAPS and caps()): a step cap, a
+# time cap, fewer tokens; never a size, a model or a preset. Training commands stop after their first step with
+# --stop_after, which keeps the run's schedule and settings, so what runs is the user's run, ended early. The few
+# that cannot run in CI are listed in NOT_RUN with the reason; their flags are still given to the script's own
+# parser (with --help last, which parses every flag before it and exits), so a renamed flag breaks this test.
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -75,30 +76,30 @@ NOT_RUN = {
     "HuggingFaceFW/fineweb-edu": "downloads a Hugging Face hub dataset",
     "--init_from=HuggingFaceTB/": "downloads a Hugging Face hub model",
     "hf download": "downloads a Hugging Face hub model",
-    "lm-eval": "lm-evaluation-harness is an optional extra, not installed in CI",
-    "lm_eval ": "lm-evaluation-harness is an optional extra, not installed in CI",
+    "lm-eval": "tests/test_evaluate.py runs the lm_eval command on a tiny checkpoint (minutes on the default one)",
+    "lm_eval ": "tests/test_evaluate.py runs the lm_eval command on a tiny checkpoint (minutes on the default one)",
     "--host=0.0.0.0": "a second server (the first one in the block is started and queried)",
     "prepare_data.py --benchmark": "tokenizes the built-in corpus 9 times (about a minute)",
     "speed_optimizations_2025.py gpu": "needs a CUDA GPU (tests/test_gpu.py checks its one-line refusal here)",
+    "--preset=rtx4070ti": "the rtx4070ti preset trains the 730m model: minutes a step on a CPU",
 }
 # Environment setup: pip's requirements are checked to be installed; venv/conda lines are what CI itself did.
 SETUP = ("python -m venv", "python3 -m venv", "source ")
-# Sizes each script is run with (the README's value replaced, or the flag added).
-SIZES = {
-    "gpu_training_optimized.py": {"model": "tiny", "max_steps": "2", "max_minutes": "0", "seq_len": "32",
-                                  "batch_size": "2", "grad_accum": "1", "warmup_steps": "1", "eval_steps": "1",
-                                  "eval_interval": "100", "checkpoint_interval": "100", "vocab_size": "300",
-                                  "data_root": "data", "compile": "false"},  # compiling: ~30 s; test_training does
-    "prepare_data.py": {"vocab_size": "300", "out_dir": "data"},
-    "text_generator.py": {"max_new_tokens": "4", "compile": "false"},
-    "serve.py": {"port": "0", "compile": "false"},
-    "export_model.py": {"force": "true"},  # each line is an alternative: let them write the same default OUT
-    "evaluate_model.py": {"max_tokens": "2000", "seq_len": "32"},
-    "speed_optimizations_2025.py": {"quick": "true", "batch_size": "2", "seq_len": "16", "warmup_steps": "0",
-                                    "steps": "1", "out": "speed"},  # quick: the tiny model, a rough peak
-    "muon_optimizer.py": {"model": "tiny", "steps": "2", "batch_size": "2", "seq_len": "16", "eval_interval": "1",
-                          "eval_batches": "1", "adamw_lrs": "1e-3", "muon_lrs": "1e-3", "threads": "1",
-                          "data_dir": "muon/data", "out_dir": "muon"},
+# The caps each script's commands get (a value the README gives is lowered to it; a cap is added where it has none),
+# and the two flags that are not caps: serve.py's port (the README's 8000 may be taken here) and export_model.py's
+# --force (the README's export lines are alternatives writing the same folder).
+CAPS = {
+    "text_generator.py": {"max_new_tokens": "4"},
+    "evaluate_model.py": {"max_tokens": "2000"},
+    "speed_optimizations_2025.py": {"warmup_steps": "0", "steps": "1"},
+    "muon_optimizer.py": {"steps": "2"},
+}
+NOT_CAPS = {
+    "serve.py": {"port": "0"},
+    "export_model.py": {"force": "true"},
+    # its defaults are in /tmp, shared; data/ holds the built-in corpus with the 8,192-token BPE it would make
+    "muon_optimizer.py": {"data_dir": "data", "out_dir": "muon"},
+    "speed_optimizations_2025.py": {"out": "speed"},
 }
 INTERACTIVE_INPUT = "Once upon a time\n/temp 0.5\n/quit\n"  # text_generator.py's prompt, typed
 
@@ -143,6 +144,7 @@ def block_commands(text: str, lang: str) -> list[str]:
 
 
 COMMANDS = readme_commands()
+DEFAULT_RUN = "python gpu_training_optimized.py"  # the workdir's out/ is this run's
 
 
 def not_run_reason(command: str) -> str | None:
@@ -161,9 +163,15 @@ def split(command: str) -> tuple[dict[str, str], list[str]]:
     return env, words
 
 
-def with_sizes(flags: list[str], sizes: dict[str, str]) -> list[str]:
-    kept = [f for f in flags if f[2:].partition("=")[0].replace("-", "_") not in sizes]
-    return kept + [f"--{k}={v}" for k, v in sizes.items()]
+def capped(flags: list[str], caps: dict[str, str], others: dict[str, str] | None = None) -> list[str]:
+    """The flags with each cap lowered to (or added as) its value, and the NOT_CAPS flags set."""
+    def name(f: str) -> str:
+        return f[2:].partition("=")[0].replace("-", "_")
+
+    given = {name(f): f.partition("=")[2] for f in flags}
+    lowered = {k: v if k not in given or float(v) < float(given[k]) else given[k] for k, v in caps.items()}
+    set_here = {**lowered, **(others or {})}
+    return [f for f in flags if name(f) not in set_here] + [f"--{k}={v}" for k, v in set_here.items()]
 
 
 def flag(flags: list[str], name: str) -> str | None:
@@ -177,42 +185,45 @@ def newest_step(run: Path) -> int:
 
 
 class Workdir:
-    """The folder the commands run in, and what they left for the next ones (a server, numbered run folders)."""
+    """The folder the commands run in, and what they left for the next ones (a server, the commands run)."""
 
     def __init__(self, path: Path):
-        self.path, self.runs, self.server, self.url = path, 0, None, None
+        self.path, self.runs, self.server, self.url, self.done = path, 0, None, None, set()
+
+    def fresh_dir(self) -> Path:
+        """A folder of its own for a new training run, since README lines are alternatives and a run never
+        overwrites another: the files the commands name and the data/ cache, linked; no out/."""
+        self.runs += 1
+        path = self.path / "runs" / str(self.runs)
+        path.mkdir(parents=True)
+        for entry in self.path.iterdir():
+            if entry.name not in ("runs", "out"):
+                (path / entry.name).symlink_to(entry)
+        return path
 
     def training_flags(self, flags: list[str]) -> list[str]:
-        """SIZES, and: a fresh run gets its own out_dir (README lines are alternatives, and a run never overwrites
-        another); --resume continues `out` for one more step; a time budget becomes seconds; a session stops at 1."""
-        sizes = dict(SIZES["gpu_training_optimized.py"])
-        if flag(flags, "init_from"):
-            del sizes["model"]  # the shape comes from the pretrained model
-        if flag(flags, "resume"):
-            sizes["max_steps"] = str(newest_step(self.path / (flag(flags, "out_dir") or "out")) + 1)
-        else:
-            self.runs += 1
-            sizes["out_dir"] = f"runs/{self.runs}"
-        if flag(flags, "max_minutes"):
-            sizes.update(max_minutes="0.05", max_steps="8")
-        if flag(flags, "stop_after"):
-            sizes.update(stop_after="1")
-        return with_sizes(flags, sizes)
+        """The one cap training gets: the session stops after its first step (a resumed run after one more), with
+        a checkpoint, keeping the schedule and settings the command gives."""
+        stop = newest_step(self.path / (flag(flags, "out_dir") or "out")) + 1 if flag(flags, "resume") else 1
+        return capped(flags, {"stop_after": str(stop)})
 
     def rewrite(self, script: str, flags: list[str]) -> list[str]:
+        if "--help" in flags:
+            return flags
         if script == "gpu_training_optimized.py":
             return self.training_flags(flags)
         flags = [re.sub(r"(checkpoint-)\d+", lambda m: f"{m.group(1)}{newest_step(self.path / 'out')}", f)
-                 for f in flags]  # a checkpoint the README names by a step a tiny run does not reach
-        sizes = dict(SIZES.get(script, {}))
+                 for f in flags]  # a checkpoint the README names by a step a one-step run does not reach
+        others = dict(NOT_CAPS.get(script, {}))
         if script == "speed_optimizations_2025.py" and not flag(flags, "rows"):
-            sizes["rows"] = "bf16"  # the compiled rows take ~30 s each; test_speed.py runs every row
-        return with_sizes(flags, sizes)
+            others["rows"] = "bf16"  # fewer rows, each as given: compiled rows take ~30 s; test_speed.py runs all
+        return capped(flags, CAPS.get(script, {}), others)
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_tokenizer):
-    """The files the README's commands name, each tiny; `out` is a trained tiny run, as after the default run."""
+    """The files the README's commands name, each small; `out` is the README's default run, stopped after its
+    first step (so the built-in corpus is tokenized once, in data/, as on a user's machine)."""
 
     path = tmp_path_factory.mktemp("readme")
     corpus = "\n\n".join(SAMPLE_TEXT)
@@ -230,11 +241,9 @@ def workdir(tmp_path_factory, tiny_tokenizer):
     tiny_tokenizer.save_pretrained(path / "path/to/tokenizer_dir")
     make_checkpoint(path / "SmolLM2-135M-Instruct", tiny_tokenizer, max_seq_len=64)  # a local Llama folder
     mp = pytest.MonkeyPatch()
-    # the built-in corpus (2 MB; ~25 s to tokenize here) becomes the tiny one, in-process
-    mp.setattr(corpora, "builtin_documents", lambda: tuple(SAMPLE_TEXT))
     mp.chdir(path)
     work = Workdir(path)
-    run_python("gpu_training_optimized.py", with_sizes(["--out_dir=out"], SIZES["gpu_training_optimized.py"]))
+    run_command(work, DEFAULT_RUN)
     yield work
     mp.undo()
     if work.server:
@@ -242,10 +251,12 @@ def workdir(tmp_path_factory, tiny_tokenizer):
         work.server.wait(10)
 
 
-def run_python(script: str, flags: list[str], env: dict | None = None) -> None:
+def run_python(script: str, flags: list[str], env: dict | None = None, cwd: Path | None = None) -> None:
     """main(flags) in this process (seconds instead of a new interpreter per command)."""
     module = importlib.import_module(script.removesuffix(".py"))
     mp = pytest.MonkeyPatch()
+    if cwd:
+        mp.chdir(cwd)
     for name, value in (env or {}).items():
         mp.setenv(name, value)
     if script == "text_generator.py" and not (flag(flags, "prompt") or flag(flags, "prompts_file")):
@@ -302,11 +313,10 @@ def run_torchrun(work: Workdir, words: list[str], env: dict) -> None:
     args = get_args_parser().parse_args(words[1:])  # torchrun's own flags exist
     script, flags = Path(args.training_script).name, args.training_script_args
     flags = work.rewrite(script, flags)
-    if flag(flags, "dataset") in (None, "builtin"):
-        flags.append("--dataset=my_corpus.txt")  # the tiny built-in corpus is patched in this process only
     launcher = words[1:words.index(args.training_script)]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", *launcher, str(ROOT / script), *flags],
-                            cwd=work.path, env=subprocess_env(env), capture_output=True, text=True, timeout=300)
+                            cwd=work.fresh_dir(), env=subprocess_env(env), capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
@@ -345,6 +355,7 @@ def ci_test_command() -> str:
 def run_command(work: Workdir, command: str) -> None:
     env, words = split(command)
     program = words[0]
+    work.done.add(command)
     if program in ("python", "python3") and words[1:3] == ["-m", "pytest"]:
         # the test command itself: it must be what CI runs (running it here would recurse)
         assert words[1:] == ci_test_command().split()[1:], ci_test_command()
@@ -352,10 +363,11 @@ def run_command(work: Workdir, command: str) -> None:
         subprocess.run([sys.executable, *words[1:]], cwd=work.path, env=subprocess_env(env), check=True)
     elif program in ("python", "python3") and words[1].endswith(".py"):
         script, flags = words[1], work.rewrite(words[1], words[2:])
+        new_run = script == "gpu_training_optimized.py" and not flag(flags, "resume") and "--help" not in flags
         if script == "serve.py":
             start_server(work, flags)
         else:
-            run_python(script, flags, env)
+            run_python(script, flags, env, work.fresh_dir() if new_run and (work.path / "out").exists() else None)
     elif program == "pip":
         check_pip(words)
     elif program == "torchrun":
@@ -374,6 +386,8 @@ def test_readme_command_runs(workdir, section, command):
     if why:
         check_not_run(command)
         pytest.skip(f"not run in CI ({why}); its flags were checked")
+    if command in workdir.done:
+        pytest.skip("the same command ran above")
     run_command(workdir, command)
 
 
