@@ -316,6 +316,12 @@ def compile_model(model: LLM, cfg: dict, device: torch.device):
     return torch.compile(model, mode=None if mode == "default" else mode)
 
 
+def fused_adamw(device: torch.device, sharded: bool) -> bool:
+    """Fused AdamW (one kernel over all tensors) on CUDA, and on CPU too, where it ran the optimizer step ~2.5x
+    faster than foreach (speed_optimizations_2025.py, fused-adamw row); FSDP's sharded CPU tensors keep foreach."""
+    return device.type == "cuda" or (device.type == "cpu" and not sharded)
+
+
 def lr_factor(step: int, cfg: dict, max_steps: int | None) -> float:
     """Learning rate / LR at `step`: linear warm-up, then cosine or warmup-stable-decay down to MIN_LR.
     Before a time-budgeted run knows its length (max_steps None) it holds the peak."""
@@ -375,17 +381,18 @@ def train_step(model, optimizer, scaler: torch.amp.GradScaler, micro_batches: li
                 loss = model(x, y) / len(micro_batches)
             scaler.scale(loss).backward()
         loss_sum = loss_sum + loss.detach().float()  # stays on the device: one sync per step, below
-    loss_sum = float(mean_over_processes(loss_sum))  # every process then takes the same decision below
+    loss_sum = mean_over_processes(loss_sum)  # every process then takes the same decision below
     scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: the norm over every shard
-    finite = math.isfinite(loss_sum) and (scaler.is_enabled() or math.isfinite(norm.item()))
+    loss_sum, norm = torch.stack([loss_sum.float(), norm.float()]).tolist()  # the step's one host sync
+    finite = math.isfinite(loss_sum) and (scaler.is_enabled() or math.isfinite(norm))
     if finite:
         scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return (loss_sum, norm.item()) if finite else None
+    return (loss_sum, norm) if finite else None
 
 
 # -----------------------------------------------------------------------------
@@ -538,7 +545,8 @@ def setup(cfg: dict, fixed: set[str], typed: set[str], resume: Path | None, save
     if resume:
         load_weights(model, load_state_dict(resume), str(resume))  # before the model is split across processes
     train_model = wrap_for_training(model, cfg, world, device, dtype)
-    optimizer = build_optimizer(model, cfg["optimizer"], lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    optimizer = build_optimizer(model, cfg["optimizer"], lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+                                fused=fused_adamw(device, world.size > 1 and cfg["parallel"] == "fsdp"))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_step, max_steps = 0, None if cfg["max_minutes"] else cfg["max_steps"]
     if resume:

@@ -300,6 +300,8 @@ class LLM(nn.Module):
             else:
                 x = layer(x, cos, sin, slots, mask)
         x = self.model.norm(x)
+        if targets is not None and self.int8_head is None:
+            return linear_cross_entropy(x.flatten(0, 1), self.output_weight, targets.reshape(-1))
         logits = F.linear(x, self.output_weight) if self.int8_head is None else self.int8_head(x)
         if targets is None:
             return logits
@@ -337,6 +339,83 @@ class LLM(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# The loss, without the full [tokens x vocabulary] logits
+
+# Rows of logits per chunk: chunk rows x vocabulary stays near this many elements (2^22 fp32 = 16 MiB), so a
+# chunk's logits stay in cache on a CPU and the full fp32 logits (at 32k-128k vocabularies the largest
+# activation of a step) never exist. Measured on the `small` model (2-core CPU): 256-1024 rows all ran alike.
+LOSS_CHUNK_ELEMENTS = 2**22
+
+
+def loss_chunk_rows(vocab_size: int) -> int:
+    return max(16, LOSS_CHUNK_ELEMENTS // vocab_size)
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of (x @ weight.T) against targets, a chunk of rows at a time. Each chunk's gradients
+    (softmax - one-hot, times x and weight) are taken in the forward pass while its logits are at hand, so
+    backward only scales them: the matmul FLOPs of the plain loss, no recomputation, and one chunk of logits
+    in memory instead of all of them (plus a weight-sized fp32 gradient). Under autocast the matmuls run in
+    its dtype, the softmax in fp32, as the plain path does."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, with_grads):
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else weight.dtype
+        xm, wm = x.to(dtype), weight.to(dtype)  # cast once, not once per chunk
+        valid = targets != -100
+        count = valid.sum().clamp(min=1)
+        grad_x = torch.empty_like(x) if with_grads else None
+        grad_w = torch.zeros_like(weight) if with_grads else None
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        rows = loss_chunk_rows(weight.size(0))
+        for start in range(0, x.size(0), rows):
+            end = start + rows
+            logits = F.linear(xm[start:end], wm).float()
+            target = targets[start:end].clamp(min=0)[:, None]
+            picked = logits.gather(1, target)
+            # log-sum-exp by hand, in place: the chunk's logits become its softmax with no second chunk-sized
+            # temporary (torch.logsumexp allocates one)
+            top = logits.amax(dim=-1, keepdim=True)
+            g = logits.sub_(top).exp_()
+            norm = g.sum(dim=-1, keepdim=True)
+            total += torch.where(valid[start:end], (top + norm.log() - picked).squeeze(1), 0.0).sum()
+            if with_grads:  # d loss / d logits = (softmax - one-hot) / count on the valid rows
+                g.div_(norm).scatter_add_(1, target, torch.full_like(picked, -1.0))
+                g = g.mul_((valid[start:end] / count)[:, None]).to(dtype)
+                grad_x[start:end] = g @ wm
+                grad_w += g.t() @ xm[start:end]
+        ctx.save_for_backward(grad_x, grad_w)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_out, grad_w * grad_out, None, None
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The mean cross-entropy of the output head (x @ weight.T) against targets (-100 ignored), never holding
+    the full logits: Liger kernels' fused Triton version on CUDA where `liger-kernel` is installed, else
+    ChunkedLinearCrossEntropy."""
+    if x.is_cuda and liger_loss is not None:
+        if torch.is_autocast_enabled("cuda"):  # Liger's kernel takes one dtype for both inputs
+            dtype = torch.get_autocast_dtype("cuda")
+            x, weight = x.to(dtype), weight.to(dtype)
+        return liger_loss(weight, x, targets)
+    with_grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return ChunkedLinearCrossEntropy.apply(x, weight, targets, with_grads)
+
+
+try:
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+    liger_loss = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+except ImportError:  # optional: pip install liger-kernel (CUDA)
+    liger_loss = None
+
+
+# -----------------------------------------------------------------------------
 # Estimators: parameters, FLOPs, memory
 
 
@@ -364,19 +443,39 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
 
 
+# Allocator overhead over the allocated peak (the CUDA caching allocator's rounding and fragmentation)
+FRAGMENTATION = 1.1
+
+
+def activation_bytes_per_token(cfg: ModelConfig, autocast: bool) -> int:
+    """Bytes one block saves for backward per token (eager; torch.compile saves less), as measured with
+    saved-tensor hooks (benchmarks/memory_plan.py checks it): each RMSNorm's fp32 input and normalised input,
+    the inputs of the five input projections (under autocast each casts its own bf16 copy; in fp32 the two
+    norms' outputs serve them), attention's q, k, v, output and log-sum-exp, and SwiGLU's four intermediates."""
+    b = 2 if autocast else 4  # bytes of a saved activation
+    d, hd, kv = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    norms = 2 * (4 * d + 4 * d + 4)
+    inputs = 5 * 2 * d if autocast else 2 * 4 * d
+    return norms + inputs + b * (2 * hd + 2 * kv) + 4 * cfg.n_head + 4 * b * cfg.ffn_hidden
+
+
 def estimate_training_memory(cfg: ModelConfig, batch_size: int, seq_len: int, optimizer: str = "adamw",
                              activation_checkpointing: bool = False, autocast: bool = True,
                              world_size: int = 1, shard: bool = False) -> dict[str, int]:
-    """Peak training memory in bytes, by part: fp32 weights and grads, optimizer state, activations, logits.
+    """Peak training memory in bytes, by part: fp32 weights and grads, optimizer state, activations, logits
+    (the loss), and the total a run must have (the allocated peak x FRAGMENTATION).
 
     Optimizer state is 2 fp32 tensors per parameter for AdamW; Muon keeps one momentum for hidden matrices.
-    Activations count the tensors a block saves for backward under bf16 autocast with fused SDPA attention
-    (about 26*d + 6*kv + 10*ffn bytes per token per layer: fp32 residual/norm inputs, bf16 projections,
-    the SwiGLU intermediates); with activation checkpointing a block keeps only its fp32 input, plus one
-    block's full set during recomputation. `shard` (FSDP) divides weights, grads and state by world_size.
+    Activations are what the forward pass saves for backward (activation_bytes_per_token per block, the final
+    norm's, and under autocast the bf16 copies of the weight matrices); with activation checkpointing each
+    block keeps only its fp32 input, and backward recomputes one block's full set at a time. The loss
+    (ChunkedLinearCrossEntropy) holds the fp32 gradients of its input and of the output weight from its
+    forward pass, bf16 copies of both, and one chunk of logits. The peak is at the loss, when every
+    activation is alive, or at the end of backward, when every gradient is (whichever is larger).
+    `shard` (FSDP) divides weights, grads and state by world_size. Checked against measured peaks by
+    `python speed_optimizations_2025.py memory_plan`.
     """
     n = count_params(cfg)
-    b = 2 if autocast else 4  # bytes of a saved activation
     weights = grads = 4 * n
     if optimizer == "muon":  # one momentum for block matrices, AdamW's two moments for the rest
         hidden = count_block_matrices(cfg)
@@ -385,17 +484,20 @@ def estimate_training_memory(cfg: ModelConfig, batch_size: int, seq_len: int, op
         state = 8 * n
     if shard and world_size > 1:
         weights, grads, state = weights // world_size, grads // world_size, state // world_size
-    tokens = batch_size * seq_len
-    kv = cfg.n_kv_head * cfg.head_dim
-    per_layer = tokens * (4 * 2 * cfg.d_model + b * (9 * cfg.d_model + 3 * kv + 5 * cfg.ffn_hidden))
-    if activation_checkpointing:
-        activations = cfg.n_layer * tokens * cfg.d_model * 4 + per_layer
+    tokens, d, vocab = batch_size * seq_len, cfg.d_model, cfg.vocab_size
+    layer = tokens * activation_bytes_per_token(cfg, autocast)
+    copies = 2 * count_block_matrices(cfg) // cfg.n_layer if autocast else 0  # one block's bf16 weights
+    if activation_checkpointing:  # saved: each block's input; recomputed in backward: one block's full set
+        activations, recompute = cfg.n_layer * tokens * d * 4, layer + copies
     else:
-        activations = cfg.n_layer * per_layer
-    logits = tokens * cfg.vocab_size * (b + 4 + 4)  # logits, fp32 copy for the loss, its gradient
-    total = int(1.1 * (weights + grads + state + activations + logits))  # ~10% allocator fragmentation
+        activations, recompute = cfg.n_layer * (layer + copies), 0
+    activations += tokens * (8 * d + 8)  # the final norm, the token ids
+    chunk = min(tokens, loss_chunk_rows(vocab)) * vocab * (2 + 4 if autocast else 4)  # its logits, fp32 copy
+    casts = 2 * (tokens + vocab) * d if autocast else 0
+    logits = 4 * (tokens + vocab) * d + casts + (2 if autocast else 4) * vocab * d + chunk
+    peak = weights + state + max(activations + logits, grads) + recompute
     return {"weights": weights, "grads": grads, "optimizer": state, "activations": activations,
-            "logits": logits, "total": total}
+            "logits": logits, "total": int(FRAGMENTATION * peak)}
 
 
 # -----------------------------------------------------------------------------
