@@ -383,6 +383,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             if with_grads:  # d loss / d logits = (softmax - one-hot) / count on the valid rows
                 g.div_(norm).scatter_add_(1, target, torch.full_like(picked, -1.0))
                 g = g.mul_((valid[start:end] / count)[:, None]).to(dtype)
+                del logits  # the fp32 buffer g was made in: gone before the gradient matmuls
                 grad_x[start:end] = g @ wm
                 grad_w += g.t() @ xm[start:end]
         ctx.save_for_backward(grad_x, grad_w)
@@ -467,11 +468,12 @@ def estimate_training_memory(cfg: ModelConfig, batch_size: int, seq_len: int, op
 
     Optimizer state is 2 fp32 tensors per parameter for AdamW; Muon keeps one momentum for hidden matrices.
     Activations are what the forward pass saves for backward (activation_bytes_per_token per block, the final
-    norm's, and under autocast the bf16 copies of the weight matrices); with activation checkpointing each
-    block keeps only its fp32 input, and backward recomputes one block's full set at a time. The loss
-    (ChunkedLinearCrossEntropy) holds the fp32 gradients of its input and of the output weight from its
-    forward pass, bf16 copies of both, and one chunk of logits. The peak is at the loss, when every
-    activation is alive, or at the end of backward, when every gradient is (whichever is larger).
+    norm's, and under autocast the bf16 copies of the weight matrices, alive until the forward pass ends);
+    with activation checkpointing each block keeps only its fp32 input, and backward recomputes one block's
+    full set at a time. The loss (ChunkedLinearCrossEntropy) keeps the fp32 gradients of its input and of
+    the output weight from its forward pass, and holds bf16 copies of both and one chunk's temporaries while
+    it runs. The peak is at the loss, when every activation is alive, or in backward: at its end, when every
+    gradient is, or while a checkpointed block is recomputed.
     `shard` (FSDP) divides weights, grads and state by world_size. Checked against measured peaks by
     `python speed_optimizations_2025.py memory_plan`.
     """
@@ -487,15 +489,20 @@ def estimate_training_memory(cfg: ModelConfig, batch_size: int, seq_len: int, op
     tokens, d, vocab = batch_size * seq_len, cfg.d_model, cfg.vocab_size
     layer = tokens * activation_bytes_per_token(cfg, autocast)
     copies = 2 * count_block_matrices(cfg) // cfg.n_layer if autocast else 0  # one block's bf16 weights
+    # autocast keeps each weight's bf16 copy until the forward pass ends, with activation checkpointing too
     if activation_checkpointing:  # saved: each block's input; recomputed in backward: one block's full set
-        activations, recompute = cfg.n_layer * tokens * d * 4, layer + copies
+        activations, recompute = cfg.n_layer * (tokens * d * 4 + copies), layer + copies
     else:
         activations, recompute = cfg.n_layer * (layer + copies), 0
     activations += tokens * (8 * d + 8)  # the final norm, the token ids
-    chunk = min(tokens, loss_chunk_rows(vocab)) * vocab * (2 + 4 if autocast else 4)  # its logits, fp32 copy
-    casts = 2 * (tokens + vocab) * d if autocast else 0
-    logits = 4 * (tokens + vocab) * d + casts + (2 if autocast else 4) * vocab * d + chunk
-    peak = weights + state + max(activations + logits, grads) + recompute
+    chunk = min(tokens, loss_chunk_rows(vocab)) * vocab
+    if autocast:  # bf16 copies of x and the weight; then at most a chunk's bf16 logits and their fp32 copy, or
+        # its bf16 gradient with the weight gradient's bf16 share and that share's fp32 copy for the sum
+        transient = 2 * (tokens + vocab) * d + max(6 * chunk, 2 * chunk + 6 * vocab * d)
+    else:
+        transient = 4 * chunk + 4 * vocab * d
+    logits = 4 * (tokens + vocab) * d + transient  # + the fp32 gradients it keeps for backward
+    peak = weights + state + max(activations + logits, max(activations, grads) + recompute)
     return {"weights": weights, "grads": grads, "optimizer": state, "activations": activations,
             "logits": logits, "total": int(FRAGMENTATION * peak)}
 

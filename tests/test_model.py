@@ -155,7 +155,9 @@ def test_memory_estimate_responds_to_the_knobs():
     assert base["weights"] == 4 * ml.count_params(cfg) and base["optimizer"] == 2 * base["weights"]
     ckpt = ml.estimate_training_memory(cfg, 5, 384, activation_checkpointing=True)
     assert ckpt["activations"] < base["activations"] / 4
-    assert ml.estimate_training_memory(cfg, 10, 384)["activations"] == 2 * base["activations"]
+    # activations grow with the batch, by the same step each time (the bf16 weight copies do not grow)
+    grow = [ml.estimate_training_memory(cfg, b, 384)["activations"] for b in (5, 10, 15)]
+    assert grow[2] - grow[1] == grow[1] - grow[0] > 0
     assert ml.estimate_training_memory(cfg, 5, 384, optimizer="muon")["optimizer"] < base["optimizer"]
     sharded = ml.estimate_training_memory(cfg, 5, 384, world_size=4, shard=True)
     assert sharded["weights"] == base["weights"] // 4
