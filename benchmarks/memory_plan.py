@@ -19,6 +19,7 @@ import torch
 
 import modern_llm as ml
 from cli import UserError, parse_flags, pick_device, run_main, settings_block
+from cross_entropy import linear_cross_entropy
 from muon_optimizer import build_optimizer
 from speed_optimizations_2025 import allocations, optimizer_state_bytes
 
@@ -62,7 +63,7 @@ def measure_training_memory(cfg: ml.ModelConfig, batch_size: int, seq_len: int, 
 
     h = torch.randn(batch_size * seq_len, cfg.d_model, device=device, requires_grad=True)
     with amp:
-        logits, loss_kept = allocations(lambda: kept.append(ml.linear_cross_entropy(h, model.output_weight,
+        logits, loss_kept = allocations(lambda: kept.append(linear_cross_entropy(h, model.output_weight,
                                                                                     y.reshape(-1))), device)
     kept.clear()
     peak = weights + state + allocations(step, device)[0]

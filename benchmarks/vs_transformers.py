@@ -9,15 +9,16 @@ on a CPU by default (the cpu preset), with the same weights, batch and sequence 
 
 Every row takes the same step: forward, loss, backward, gradient clipping at 1.0, the optimizer step. The rows
 take turns, one step each per round, so a machine whose load changes (a shared one) slows all of them alike;
-the ratios are the medians of each round's ratio, tokens/s the row's median. "warm-up s" is the time of the
-first WARMUP_STEPS steps: compilation shows there.
+the ratios are the medians of each round's ratio, tokens/s the row's median. On a shared machine the
+process's CPU time (both threads' work, not the time spent waiting for a core) moves far less than the
+wall-clock, so both are shown. "warm-up s" is the time of the first WARMUP_STEPS steps: compilation shows there.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -43,7 +44,7 @@ class Row:
     label: str
     step: Callable[[], float]  # one training step, returns the loss
     warmup_s: float = 0.0
-    times: list = None
+    times: list = field(default_factory=list)  # (wall-clock, CPU) seconds of each timed step
 
 
 def transformers_row(model: ml.LLM, x, y, best: bool) -> Callable[[], float]:
@@ -92,7 +93,8 @@ def compare(name: str, device: torch.device, cfg: dict) -> list[Row]:
     preset = train.HARDWARE["cpu"]
     default_dtype = pick_dtype("auto", device)
     rows = [Row("transformers, default (eager fp32, AdamW)", transformers_row(ours(), x, y, best=False)),
-            Row("transformers, best (compile + bf16 autocast + fused AdamW)", transformers_row(ours(), x, y, best=True)),
+            Row("transformers, best (compile + bf16 autocast + fused AdamW)",
+                transformers_row(ours(), x, y, best=True)),
             Row(f"ours, CPU default (cpu preset: {str(default_dtype).removeprefix('torch.')}, compile "
                 f"{preset['compile']}, fused AdamW)", our_row(ours(), x, y, preset["compile"], default_dtype)),
             Row("ours, best (compile + bf16 autocast + fused AdamW)", our_row(ours(), x, y, True, torch.bfloat16))]
@@ -100,19 +102,23 @@ def compare(name: str, device: torch.device, cfg: dict) -> list[Row]:
         start = time.perf_counter()
         for _ in range(cfg["warmup_steps"]):
             row.step()
-        row.warmup_s, row.times = time.perf_counter() - start, []
+        row.warmup_s = time.perf_counter() - start
     for _ in range(cfg["steps"]):
         for row in rows:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             row.step()
-            row.times.append(time.perf_counter() - start)
+            row.times.append((time.perf_counter() - start, time.process_time() - cpu))
     torch._dynamo.reset()
     return rows
 
 
-def ratio(rows: list[Row], ours: int, theirs: int) -> float:
-    """Median over the rounds of our tokens/s over theirs in the same round."""
-    return statistics.median(t / o for o, t in zip(rows[ours].times, rows[theirs].times))
+def ratio(rows: list[Row], ours: int, theirs: int, clock: int) -> float:
+    """Median over the rounds of our speed over theirs in the same round, by wall-clock (0) or CPU (1) time."""
+    return statistics.median(t[clock] / o[clock] for o, t in zip(rows[ours].times, rows[theirs].times))
+
+
+def speed(row: Row, tokens: int, clock: int) -> str:
+    return f"{tokens / statistics.median(t[clock] for t in row.times):,.0f}"
 
 
 def main(argv: list[str]) -> int:
@@ -127,13 +133,16 @@ def main(argv: list[str]) -> int:
     print(f"training tokens/s, ours vs transformers {train_version()}: batch {cfg['batch_size']} x {cfg['seq_len']}, "
           f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}; median of {cfg['steps']} "
           f"interleaved rounds after {cfg['warmup_steps']} warm-up steps")
-    print("| model | setup | tokens/s | warm-up s | ratio |\n| --- | --- | --- | --- | --- |")
+    print("| model | setup | tokens/s | tokens per CPU-s | warm-up s | ratio (wall-clock) | ratio (CPU time) |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |")
     for name in cfg["models"]:
         rows = compare(name, device, cfg)
-        ratios = ["", "", f"{ratio(rows, 2, 0):.2f}x transformers default", f"{ratio(rows, 3, 1):.2f}x transformers best"]
-        for row, r in zip(rows, ratios):
-            print(f"| {name} | {row.label} | {tokens / statistics.median(row.times):,.0f} | {row.warmup_s:.0f} | {r} |",
-                  flush=True)
+        against = {2: (0, "transformers default"), 3: (1, "transformers best")}  # our row: (their row, name)
+        for i, row in enumerate(rows):
+            theirs, label = against.get(i, (None, ""))
+            ratios = [f"{ratio(rows, i, theirs, c):.2f}x {label}" if label else "" for c in (0, 1)]
+            print(f"| {name} | {row.label} | {speed(row, tokens, 0)} | {speed(row, tokens, 1)} | {row.warmup_s:.0f} | "
+                  f"{' | '.join(ratios)} |", flush=True)
     return 0
 
 

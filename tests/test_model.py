@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import checkpoint
 import cli
+import cross_entropy
 import modern_llm as ml
 
 GQA = dict(vocab_size=300, n_layer=2, d_model=64, n_head=4, n_kv_head=2, head_dim=16, ffn_hidden=160, max_seq_len=64)
@@ -133,7 +134,7 @@ def test_left_padded_rows_with_positions_and_mask_equal_unpadded():
 def test_chunked_loss_equals_the_plain_loss_and_gradients(monkeypatch, shape, autocast):
     """Training's loss (ChunkedLinearCrossEntropy, a chunk of logits at a time, gradients taken in the forward
     pass) gives the plain cross-entropy's loss and gradients: over several chunks, with ignored targets."""
-    monkeypatch.setattr(ml, "LOSS_CHUNK_ELEMENTS", 16 * 300)  # 16-row chunks: 120 tokens make 8, the last short
+    monkeypatch.setattr(cross_entropy, "LOSS_CHUNK_ELEMENTS", 16 * 300)  # 16-row chunks: 120 tokens make 8, the last short
     torch.manual_seed(0)
     cfg = ml.ModelConfig(**shape)
     model = ml.LLM(cfg)
@@ -159,11 +160,11 @@ def test_the_loss_never_holds_the_full_logits(monkeypatch):
     chunked loss's whole forward and backward peaks far below even the logits alone."""
     from speed_optimizations_2025 import allocations
 
-    monkeypatch.setattr(ml, "LOSS_CHUNK_ELEMENTS", 2**16)
+    monkeypatch.setattr(cross_entropy, "LOSS_CHUNK_ELEMENTS", 2**16)
     h = torch.randn(256, 64, requires_grad=True)
     weight = torch.randn(4096, 64, requires_grad=True)
     targets = torch.randint(0, 4096, (256,))
-    peak, _ = allocations(lambda: ml.linear_cross_entropy(h, weight, targets).backward())
+    peak, _ = allocations(lambda: cross_entropy.linear_cross_entropy(h, weight, targets).backward())
     assert peak < 256 * 4096 * 4 * 0.85
     assert h.grad.abs().sum() > 0 and weight.grad.abs().sum() > 0
 
