@@ -33,7 +33,7 @@ from modern_llm import LLM, ModelConfig, rope_inv_freq
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-STATE_FILE = "trainer_state.json"  # {"global_step": N}, beside a training checkpoint's files
+STATE_FILE = "trainer_state.json"  # {"global_step": N, "task": "pretrain" or "sft", ...} beside a trained model
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
@@ -259,12 +259,28 @@ def save_checkpoint(model: LLM, path: str | os.PathLike, extra: Callable[[Path],
     return path
 
 
+def saved_state(path: Path) -> dict:
+    """trainer_state.json of a directory, or {} for one trained elsewhere (or an unreadable record)."""
+    try:
+        state = json.loads((Path(path) / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
 def checkpoint_step(path: Path) -> int | None:
     """The training step a directory was saved at (from trainer_state.json), or None for a foreign one."""
     try:
-        return int(json.loads((path / STATE_FILE).read_text())["global_step"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(saved_state(path)["global_step"])
+    except (KeyError, TypeError, ValueError):
         return None
+
+
+def trained_on_chats(path: str | os.PathLike) -> bool:
+    """Whether this toolkit's last training of the model was chat fine-tuning (trainer_state.json's task "sft").
+    A model trained elsewhere has no such record, so this says False: the chat page then starts in completion
+    mode, which any model can do."""
+    return saved_state(path).get("task") == "sft"
 
 
 def is_complete_checkpoint(path: Path) -> bool:

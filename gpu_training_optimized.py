@@ -518,6 +518,7 @@ class Run:
     flops_per_step: float
     peak_flops: float | None
     bytes_per_token: float
+    task: str  # "sft" (chat data) or "pretrain", recorded beside each checkpoint for serve.py's chat page
 
 
 def setup(cfg: dict, fixed: set[str], typed: set[str], resume: Path | None, saved: dict, device: torch.device,
@@ -578,7 +579,8 @@ def setup(cfg: dict, fixed: set[str], typed: set[str], resume: Path | None, save
               flops_per_step=flops_per_token(model_cfg, cfg["seq_len"]) * tokens_per_step, peak_flops=peak,
               # chat data: bytes per token the loss is on (the assistant's)
               bytes_per_token=(meta.get("val_target_bytes", meta["val_bytes"])
-                               / meta.get("val_target_tokens", meta["val_tokens"])))
+                               / meta.get("val_target_tokens", meta["val_tokens"])),
+              task=meta.get("task", "pretrain"))
     print(f"{cfg['init_from'] or cfg['model']} model, {count_params(model_cfg) / 1e6:.1f}M parameters | "
           f"preset {preset} | {device} {str(dtype).removeprefix('torch.')} | {cfg['optimizer']} | compile "
           f"{getattr(train_model, 'module', train_model) is not model} | "
@@ -616,7 +618,8 @@ def evaluate_and_show(run: Run, step: int, monitor: Monitor) -> dict:
 
 def save(run: Run, step: int, val_loss: float | None) -> None:
     record = {"global_step": step, "max_steps": run.max_steps, "best_val_loss": run.best, "val_loss": val_loss,
-              "tokens_seen": step * run.tokens_per_step, "global_batch": run.global_batch, "config": run.cfg}
+              "tokens_seen": step * run.tokens_per_step, "global_batch": run.global_batch, "task": run.task,
+              "config": run.cfg}
     run.last_saved = save_training_checkpoint(run.out, step, run.model, run.optimizer, run.scaler, run.tokenizer,
                                               record, run.token_ids)
     if run.world.rank == 0:
@@ -662,7 +665,7 @@ def train(run: Run, monitor: Monitor, stop: list) -> tuple[str, int, dict | None
         if step != run.start_step and bad == 0 and (end or step % cfg["checkpoint_interval"] == 0):
             save(run, step, last_eval["val_loss"] if eval_step == step else None)
         if end == "finished":
-            save_final_model(run.out, run.model, run.tokenizer, run.token_ids, step, run.best)
+            save_final_model(run.out, run.model, run.tokenizer, run.token_ids, step, run.best, run.task)
         if end:
             return end, step, last_eval
 

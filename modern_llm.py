@@ -140,10 +140,27 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k.index_copy_(2, slots, k.to(self.k.dtype))
-        self.v.index_copy_(2, slots, v.to(self.v.dtype))
-        return self.k, self.v
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               view: tuple[slice | torch.Tensor, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, heads, T, dim) at `slots`: (T,) the same for every row, or (B, T) each row its own
+        (continuous batching: rows at different lengths). Returns the keys and values attention reads: all of
+        the cache, or with view = (rows, span) the cache rows `rows` and their first `span` slots. A slice of
+        rows is read in place; a tensor of row numbers (B,) may repeat a row (one input per token of a prompt,
+        packed with other rows' tokens into one step), and is read as a copy after every write."""
+        rows, span = view or (slice(None), self.k.size(2))
+        if isinstance(rows, torch.Tensor):
+            self.k[rows[:, None], :, slots] = k.transpose(1, 2).to(self.k.dtype)
+            self.v[rows[:, None], :, slots] = v.transpose(1, 2).to(self.v.dtype)
+            return self.k[rows, :, :span], self.v[rows, :, :span]
+        k_cache, v_cache = self.k[rows, :, :span], self.v[rows, :, :span]
+        if slots.dim() == 1:
+            k_cache.index_copy_(2, slots, k.to(k_cache.dtype))
+            v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
+        else:
+            index = slots[:, None, :, None].expand(-1, k.size(1), -1, k.size(3))
+            k_cache.scatter_(2, index, k.to(k_cache.dtype))
+            v_cache.scatter_(2, index, v.to(v_cache.dtype))
+        return k_cache, v_cache
 
 
 class Attention(nn.Module):
@@ -159,7 +176,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, slots=None, mask=None):
+    def forward(self, x, cos, sin, slots=None, mask=None, view=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -169,7 +186,7 @@ class Attention(nn.Module):
         q = apply_rope(q.transpose(1, 2), cos, sin)
         k = apply_rope(k.transpose(1, 2), cos, sin)
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(slots, k, v)
+            k, v = self.kv_cache.update(slots, k, v, view)
         y = sdpa(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
@@ -204,8 +221,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, slots=None, mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, slots, mask)
+    def forward(self, x, cos, sin, slots=None, mask=None, view=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, slots, mask, view)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -260,6 +277,12 @@ class LLM(nn.Module):
                                                dtype or w.dtype, w.device)
         self.cache_len = max_len
 
+    def move_cache_row(self, src: int, dst: int) -> None:
+        """Copy row src of the cache into row dst (continuous batching keeps its live rows at the front)."""
+        for layer in self.model.layers:
+            cache = layer.self_attn.kv_cache
+            cache.k[dst], cache.v[dst] = cache.k[src], cache.v[src]
+
     def clear_cache(self) -> None:
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
@@ -276,11 +299,15 @@ class LLM(nn.Module):
         return cos.to(dtype), sin.to(dtype)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, pos: torch.Tensor | None = None,
-                slots: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                slots: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                view: tuple[slice | torch.Tensor, int] | None = None) -> torch.Tensor:
         """Logits (B, T, vocab), or the mean cross-entropy when `targets` is given (-100 is ignored).
 
         pos:   RoPE position of each token, (T,) or (B, T) for left-padded rows; default 0..T-1.
-        slots: with a KV cache, the cache slots (T,) these tokens fill; default `pos` when it is 1-D.
+        slots: with a KV cache, the cache slots (T,) these tokens fill, or (B, T) per row; default `pos` when it
+               is 1-D.
+        view:  with a KV cache, (rows, span): the cache rows these B inputs are (a slice, or a tensor (B,) of
+               row numbers) and how many leading slots attention reads (S = span); default all of both.
         mask:  boolean, True where a query may attend: (T, S) or (B, 1, T, S) with S the cache length.
                Without a cache and mask the attention is causal; with a cache the default mask lets each
                token see the slots up to its own.
@@ -297,9 +324,9 @@ class LLM(nn.Module):
         cos, sin = self.rope(pos, x.dtype)
         for layer in self.model.layers:
             if self.activation_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, slots, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, slots, mask, view, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, slots, mask)
+                x = layer(x, cos, sin, slots, mask, view)
         x = self.model.norm(x)
         if targets is not None and self.int8_head is None:
             return linear_cross_entropy(x.flatten(0, 1), self.output_weight, targets.reshape(-1))

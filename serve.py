@@ -1,24 +1,33 @@
 """
 An OpenAI-compatible HTTP API for a checkpoint, on FastAPI + uvicorn, built on text_generator's engine.
 
-    python serve.py --checkpoint=out                       # http://127.0.0.1:8000/v1
-    python serve.py --checkpoint=out --api_key=secret      # clients must send "Authorization: Bearer secret"
+    python serve.py --checkpoint=out                                  # http://127.0.0.1:8000/v1
+    MODERN_LLM_API_KEY=secret python serve.py --checkpoint=out        # clients send "Authorization: Bearer secret"
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (the checkpoint tokenizer's chat
 template), GET /health. Any OpenAI client works: point its base_url at http://127.0.0.1:8000/v1.
+GET / is a chat page (chat.html, beside this file) that talks to those routes; GET /info tells it the model.
 
-How concurrent requests are served: one worker thread owns the engine. Requests wait in a queue; the worker
-takes every request that arrived within BATCH_WINDOW_MS of the first one (up to MAX_BATCH_SIZE rows, a row
-being one prompt x one of `n` choices) and decodes them as one batch, streaming each row's tokens back to its
-request. A batch runs until its last row ends; requests arriving meanwhile wait for the next batch. A client
-that disconnects ends its rows at the next decode step, and a full queue answers 503 instead of growing.
+How concurrent requests are served (continuous batching): one worker thread owns the engine's batch. Before
+each decode step, waiting requests join the running batch as far as MAX_BATCH_SIZE rows allow (a row is one
+prompt x one of `n` choices); a row that ends, or whose client disconnects, leaves at once, and its request is
+answered as soon as its own rows are done. A full queue answers 503 instead of growing.
+
+No caller can hold up the others (serve_requests.py): Host, Origin and Content-Type are checked first, then the
+body's size and arrival time, then the strict request models and sizes, and only then is anything tokenized,
+in a worker thread; uvicorn limits connections, header sizes and the time headers may take.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import functools
+import hashlib
 import hmac
 import json
+import os
+import re
 import socket
 import threading
 import time
@@ -27,166 +36,54 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, AsyncIterator, Literal
+from typing import AsyncIterator
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from jinja2 import TemplateError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator, field_validator
-from pydantic_core import PydanticCustomError
 from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from checkpoint import trained_on_chats
 from cli import UserError, parse_flags, run_main, settings_block
-from text_generator import Engine, SamplingParams
+from serve_requests import (APIError, CallerGuard, ChatRequest, CompletionRequest, SamplingRequest, check_sizes,
+                            decode_json, error_body, parse_request, read_body)
+from text_generator import Engine, SamplingParams, chat_prompt_ids
 
 CHECKPOINT = "out"  # checkpoint directory: a run's OUT_DIR or any Llama checkpoint directory
-HOST = "127.0.0.1"  # address to listen on; 0.0.0.0 exposes the server to the network (set --api_key then)
+HOST = "127.0.0.1"  # address to listen on; 0.0.0.0 exposes the server to the network (set an API key then)
 PORT = 8000  # TCP port to listen on (0 picks a free one)
-API_KEY = ""  # if set, every route but /health needs the header "Authorization: Bearer API_KEY"
+API_KEY = ""  # if set, every route but /health needs "Authorization: Bearer KEY" (shows in `ps`: prefer the next two)
+API_KEY_FILE = ""  # read the API key from this file instead (or from the environment variable MODERN_LLM_API_KEY)
 MODEL_NAME = ""  # model id in responses and /v1/models (default: the checkpoint directory's name)
 DEVICE = "auto"  # auto, cpu, cuda, cuda:1, mps
 DTYPE = "auto"  # auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16
 QUANTIZE = ""  # "int8": weight-only int8 (faster decoding, a quarter of the weight bytes); empty for none
 COMPILE = False  # torch.compile the decode step (slow start, faster tokens)
 MAX_BATCH_SIZE = 16  # most rows (prompts x n) decoded together; also the most one request may ask for
-MAX_QUEUE = 64  # most requests waiting for a batch; one more answers 503
-BATCH_WINDOW_MS = 20  # how long the first request of a batch waits for others to join it
+MAX_QUEUE = 64  # most requests waiting for a place in the batch; one more answers 503
+SCHEDULER = "continuous"  # continuous: requests join the running batch; static: they wait for it to end (the old way)
+BATCH_WINDOW_MS = 20  # static scheduler: how long the first request of a batch waits for others to join it
 MAX_REQUEST_BYTES = 1_000_000  # a larger request body answers 413
-BENCHMARK = False  # instead of serving: measure requests/s and tokens/s at 1, 4 and 16 concurrent clients
+MAX_HEADER_BYTES = 16_384  # larger request headers answer 431
+HEADER_TIMEOUT_S = 10.0  # a connection that has not sent its request headers within this is closed
+BODY_TIMEOUT_S = 30.0  # a request body that has not fully arrived within this answers 408
+KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this many seconds
+MAX_CONNECTIONS = 256  # open connections at most; beyond it requests answer 503
+ALLOWED_HOSTS: list = []  # Host header names accepted besides the listening address (repeatable; "*": any)
+ALLOWED_ORIGINS: list = []  # web origins (https://app.example) whose pages may call the API (repeatable; "*": any)
+BENCHMARK = False  # instead of serving: the serving benchmark (old and new scheduler) on this checkpoint
 _FLAG_DEFAULTS = settings_block(globals())  # the settings above are the flags
 
-# -----------------------------------------------------------------------------
-# Errors, in OpenAI's shape: {"error": {"message", "type", "param", "code"}}
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-
-def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+API_KEY_ENV = "MODERN_LLM_API_KEY"  # the environment variable an API key may come from
 
 
 # -----------------------------------------------------------------------------
-# Requests. Strict types: "0.5" is not a number and 1 is not a boolean, as in OpenAI's API.
-
-
-def one_of(description: str) -> WrapValidator:
-    """A union type whose error says what was expected, instead of one error per member of the union."""
-
-    def check(value, handler):
-        try:
-            return handler(value)
-        except ValidationError:
-            raise PydanticCustomError("wrong_type", f"must be {description}") from None
-
-    return WrapValidator(check)
-
-
-Stop = Annotated[str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] | None,
-                 one_of("a string or a list of up to 4 non-empty strings")]
-# OpenAI options this server does not implement: refused when set, rather than silently ignored.
-UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions", "response_format")
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True)
-    include_usage: bool = False
-
-
-class SamplingRequest(BaseModel):
-    """The fields both endpoints share. `model` is accepted and ignored: this server serves one model."""
-
-    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)  # default: the rest of the model's context
-    max_completion_tokens: int | None = Field(None, ge=1)  # the chat API's newer name for max_tokens
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    min_p: float = Field(0.0, ge=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    n: int = Field(1, ge=1)
-    stop: Stop = None
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def null_means_default(cls, value, info):
-        """Some clients send `"temperature": null` for "not set"; OpenAI reads it as the default."""
-        spec = cls.model_fields[info.field_name]
-        return spec.get_default() if value is None and not spec.is_required() else value
-
-    def refuse_unsupported(self) -> None:
-        for name in UNSUPPORTED:
-            if (self.model_extra or {}).get(name):
-                raise APIError(400, f"{name} is not supported by this server", param=name)
-
-
-class CompletionRequest(SamplingRequest):
-    prompt: Annotated[str | list[str] | list[int] | list[list[int]],
-                      one_of("a string, a list of strings, a list of token ids or a list of lists of token ids")]
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(strict=True)
-    type: Literal["text"]
-    text: str
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(strict=True)
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Annotated[str | list[TextPart], one_of("a string or a list of text parts")]
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-
-
-class ChatRequest(SamplingRequest):
-    messages: list[Message] = Field(min_length=1)
-
-
-def parse_request(model: type[SamplingRequest], body: Any) -> SamplingRequest:
-    """Validate a decoded JSON body; the first problem becomes a 400 naming the field."""
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    try:
-        req = model.model_validate(body)
-    except ValidationError as e:
-        err = e.errors(include_url=False)[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
-        got = "" if err["type"] == "missing" else f" (got {json.dumps(err.get('input'))[:60]})"
-        raise APIError(400, f"{param}: {err['msg']}{got}", param=param) from None
-    req.refuse_unsupported()
-    return req
-
-
-async def read_json(request: Request) -> Any:
-    """The body as JSON, read in pieces so an oversized body is refused before it is all in memory."""
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > request.app.state.max_request_bytes:
-            raise APIError(413, f"request body over {request.app.state.max_request_bytes} bytes",
-                           code="request_too_large")
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON ({e})") from None
-
-
-# -----------------------------------------------------------------------------
-# The scheduler: a queue of jobs in front of one worker thread that decodes them in batches
+# The scheduler: a queue of jobs in front of one worker thread that owns the engine's batch
 
 DONE = object()  # the worker's last message to a job
 
@@ -200,6 +97,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     cancelled: bool = False
+    unfinished: int = 0  # rows still decoding
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -213,75 +111,82 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, engine, max_batch_size: int, max_queue: int, window_s: float):
+    """continuous: before each decode step, waiting requests join the running batch as far as its free rows
+    allow, first come first served (a request never overtakes an earlier one); a row that ends frees its place
+    at once. static, the behaviour before continuous batching (kept to compare against): the first request of a
+    batch waits window_s for others, and the batch runs until its last row ends while later requests wait."""
+
+    def __init__(self, engine, max_batch_size: int, max_queue: int, window_s: float, continuous: bool = True):
         self.engine, self.max_batch_size, self.max_queue, self.window_s = engine, max_batch_size, max_queue, window_s
+        self.continuous = continuous
         self.waiting: deque[Job] = deque()
         self.running_rows = 0
         self.cond = threading.Condition()
         threading.Thread(target=self.work, name="engine", daemon=True).start()
 
+    def refuse_if_full(self) -> None:
+        if len(self.waiting) >= self.max_queue:
+            raise APIError(503, f"server busy: {len(self.waiting)} requests already queued; retry later",
+                           type="server_error", code="queue_full", headers={"Retry-After": "1"})
+
     def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> Job:
         """Queue a request (call from the event loop); 503 when the queue is full."""
-        job = Job(prompts, params, asyncio.get_running_loop(), asyncio.Queue())
+        job = Job(prompts, params, asyncio.get_running_loop(), asyncio.Queue(), unfinished=len(prompts))
         with self.cond:
-            if len(self.waiting) >= self.max_queue:
-                raise APIError(503, f"server busy: {len(self.waiting)} requests already queued; retry later",
-                               type="server_error", code="queue_full")
+            self.refuse_if_full()
             self.waiting.append(job)
             self.cond.notify()
         return job
 
-    def next_batch(self) -> list[Job]:
-        """Wait for a request, give others BATCH_WINDOW_MS to join it, then take as many as fit."""
+    def admit(self, batch, running: set[Job]) -> None:
+        """Move the waiting jobs that fit into the batch (static: after the batch window)."""
         with self.cond:
-            while not self.waiting:
-                self.cond.wait()
-            deadline = time.monotonic() + self.window_s
-            while sum(len(j.prompts) for j in self.waiting) < self.max_batch_size:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self.cond.wait(left)
-            batch, rows = [], 0
-            while self.waiting and rows + len(self.waiting[0].prompts) <= self.max_batch_size:
+            if not self.continuous:
+                deadline = time.monotonic() + self.window_s
+                while sum(len(j.prompts) for j in self.waiting) < self.max_batch_size:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self.cond.wait(left)
+            while self.waiting and (self.waiting[0].cancelled or len(self.waiting[0].prompts) <= batch.free()):
                 job = self.waiting.popleft()
                 if not job.cancelled:  # its client left while it waited
-                    batch.append(job)
-                    rows += len(job.prompts)
-            self.running_rows = rows
-            return batch
+                    running.add(job)
+                    for i, (prompt, params) in enumerate(zip(job.prompts, job.params)):
+                        batch.add(prompt, params, key=(job, i))
+            self.running_rows = len(batch)
 
     def work(self) -> None:
+        """While there are rows, one batch (and its KV cache) is open; an idle server holds neither."""
         while True:
-            batch = self.next_batch()
-            if batch:
-                self.run(batch)
+            with self.cond:
+                while not self.waiting:
+                    self.cond.wait()
+            running: set[Job] = set()
+            with self.engine.batch(self.max_batch_size) as batch:
+                try:
+                    self.admit(batch, running)
+                    while len(batch):
+                        self.step(batch, running)
+                        if self.continuous:
+                            self.admit(batch, running)
+                except Exception as e:  # a failed step must not kill the worker: its requests get the error
+                    traceback.print_exc()
+                    for job in running:
+                        job.deliver(e)
             self.running_rows = 0
 
-    def run(self, batch: list[Job]) -> None:
-        owner = [(job, i) for job in batch for i in range(len(job.prompts))]  # batch row -> (job, its row)
-        prompts = [p for job in batch for p in job.prompts]
-        params = [p for job in batch for p in job.params]
-        unfinished = {job: len(job.prompts) for job in batch}
-        try:
-            for step in self.engine.stream(prompts, params, cancelled=lambda row: owner[row][0].cancelled):
-                events: dict[Job, list] = {}
-                for row, event in enumerate(step):
-                    if event is not None:
-                        job, i = owner[row]
-                        events.setdefault(job, []).append((i, event))
-                        unfinished[job] -= event.finish_reason is not None
-                for job, items in events.items():
-                    job.deliver(items)
-                    if not unfinished[job]:  # answer now, not when the batch's longest row ends
-                        job.deliver(DONE)
-            for job in batch:
-                if unfinished[job]:
-                    job.deliver(DONE)
-        except Exception as e:  # one bad batch must not kill the worker: its requests get the error
-            traceback.print_exc()
-            for job in batch:
-                job.deliver(e)
+    def step(self, batch, running: set[Job]) -> None:
+        events: dict[Job, list] = {}
+        for (job, i), event in batch.step(cancelled=lambda key: key[0].cancelled):
+            events.setdefault(job, []).append((i, event))
+            job.unfinished -= event.finish_reason is not None
+        for job, items in events.items():
+            job.deliver(items)
+            if not job.unfinished:  # answer now, not when the batch's longest row ends
+                job.deliver(DONE)
+                running.discard(job)
+        self.running_rows = len(batch)
 
 
 async def job_events(job: Job) -> AsyncIterator[list]:
@@ -307,10 +212,11 @@ def prompt_token_ids(engine, req: SamplingRequest) -> list[list[int]]:
                            param="messages")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return [chat_prompt_ids(tok, messages)]  # message text stays text: no injected control tokens
         except TemplateError as e:  # templates may refuse a conversation, e.g. roles that do not alternate
             raise APIError(400, f"the chat template refused the messages: {e}", param="messages") from None
-        return [encode(tok, text)]
+        except UserError as e:
+            raise APIError(400, e.args[0], param="messages") from None
     prompts = req.prompt if isinstance(req.prompt, list) and req.prompt else [req.prompt]
     if isinstance(prompts[0], int):  # one prompt given as token ids
         prompts = [prompts]
@@ -326,14 +232,10 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def engine_rows(engine, req: SamplingRequest, prompts: list[list[int]],
-                max_rows: int) -> tuple[list[list[int]], list[SamplingParams]]:
+def engine_rows(engine, req: SamplingRequest,
+                prompts: list[list[int]]) -> tuple[list[list[int]], list[SamplingParams]]:
     """n rows per prompt (choice index = prompt * n + j), each with its SamplingParams, checked against the
     context: OpenAI refuses a request whose prompt plus max_tokens exceeds it, rather than cutting it short."""
-    rows = len(prompts) * req.n
-    if rows > max_rows:
-        raise APIError(400, f"{len(prompts)} prompt(s) x n={req.n} = {rows} choices; this server decodes at most "
-                       f"{max_rows} at once", param="n")
     context, vocab = engine.max_seq_len, engine.model.cfg.vocab_size
     asked = req.max_completion_tokens or req.max_tokens
     param = "messages" if isinstance(req, ChatRequest) else "prompt"
@@ -360,6 +262,15 @@ def engine_rows(engine, req: SamplingRequest, prompts: list[list[int]],
             row_prompts.append(p)
             row_params.append(params)
     return row_prompts, row_params
+
+
+def request_rows(engine, kind: type[SamplingRequest], body: bytes, max_rows: int, max_chars: int):
+    """From the body's bytes to the request and its engine rows, cheapest check first. Runs in a worker thread:
+    decoding, validating, templating and tokenizing a large request never holds up the event loop."""
+    req = parse_request(kind, decode_json(body), most_items=max(max_rows, engine.max_seq_len))
+    check_sizes(req, max_rows, max_chars)
+    prompts = prompt_token_ids(engine, req)
+    return req, prompts, *engine_rows(engine, req, prompts)
 
 
 # -----------------------------------------------------------------------------
@@ -456,19 +367,48 @@ async def stream_response(job: Job, reply: Reply, prompts: list[list[int]], rows
 
 
 # -----------------------------------------------------------------------------
-# The app
+# The chat page: one file, no build step, nothing fetched from elsewhere
 
+PAGE_FILE = Path(__file__).with_name("chat.html")
+
+
+def chat_page() -> tuple[str, dict]:
+    """chat.html and its headers. The Content-Security-Policy lets only the page's own inline script and style run
+    (named by their hashes) and lets it talk to this server alone: whatever a model writes, the browser will not
+    run it, load it or send it elsewhere."""
+    page = PAGE_FILE.read_text(encoding="utf-8")
+
+    def hashes(tag: str) -> str:
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", page, flags=re.DOTALL)
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in blocks)
+
+    policy = (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; connect-src 'self'; "
+              "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return page, {"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff",
+                  "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+
+
+# -----------------------------------------------------------------------------
+# The app
 
 def create_app(engine, model_name: str, api_key: str = "", max_batch_size: int = MAX_BATCH_SIZE,
                max_queue: int = MAX_QUEUE, batch_window_ms: float = BATCH_WINDOW_MS,
-               max_request_bytes: int = MAX_REQUEST_BYTES):
+               max_request_bytes: int = MAX_REQUEST_BYTES, body_timeout_s: float = BODY_TIMEOUT_S,
+               scheduler: str = SCHEDULER, host: str = HOST, allowed_hosts: list[str] = ALLOWED_HOSTS,
+               allowed_origins: list[str] = ALLOWED_ORIGINS):
     app = FastAPI(title="modern-llm", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.max_request_bytes = max_request_bytes
-    scheduler = app.state.scheduler = Scheduler(engine, max_batch_size, max_queue, batch_window_ms / 1000)
+    queue = app.state.scheduler = Scheduler(engine, max_batch_size, max_queue, batch_window_ms / 1000,
+                                            continuous=scheduler == "continuous")
+    # No prompt of more characters fits the context, whatever it encodes to: refused without tokenizing it.
+    max_chars = engine.max_seq_len * max(map(len, engine.tokenizer.get_vocab()))
+    if allowed_origins:  # answers browsers' preflight requests; other origins are refused by CallerGuard
+        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type"])
+    app.add_middleware(CallerGuard, bound_host=host, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins)
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
-        return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
+        return e.response()
 
     @app.exception_handler(HTTPException)  # unknown route, wrong method
     async def http_error(request, e: HTTPException):
@@ -488,7 +428,20 @@ def create_app(engine, model_name: str, api_key: str = "", max_batch_size: int =
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "queued": len(scheduler.waiting), "running_rows": scheduler.running_rows}
+        return {"status": "ok", "queued": len(queue.waiting), "running_rows": queue.running_rows}
+
+    page, page_headers = chat_page()
+
+    @app.get("/")
+    async def chat():  # the page holds no secret: the key, if any, is asked for by the page and sent by it
+        return HTMLResponse(page, headers=page_headers)
+
+    @app.get("/info", dependencies=[Depends(check_key)])
+    async def info():
+        """What the chat page shows and which mode it starts in (chat only for a model trained on chats)."""
+        return {"model": model_name, "context_length": engine.max_seq_len,
+                "chat_template": bool(engine.tokenizer.chat_template),
+                "trained_on_chats": trained_on_chats(engine.path)}
 
     model_card = {"id": model_name, "object": "model", "created": 0, "owned_by": "modern-llm"}
 
@@ -504,10 +457,11 @@ def create_app(engine, model_name: str, api_key: str = "", max_batch_size: int =
         return model_card
 
     async def complete(request: Request, kind: type[SamplingRequest]):
-        req = parse_request(kind, await read_json(request))
-        prompts = prompt_token_ids(engine, req)
-        row_prompts, row_params = engine_rows(engine, req, prompts, max_batch_size)
-        job = scheduler.submit(row_prompts, row_params)
+        queue.refuse_if_full()  # before reading anything
+        body = await read_body(request, max_request_bytes, body_timeout_s)
+        req, prompts, row_prompts, row_params = await run_in_threadpool(request_rows, engine, kind, body,
+                                                                        max_batch_size, max_chars)
+        job = queue.submit(row_prompts, row_params)
         reply = Reply(chat=kind is ChatRequest, model=model_name)
         if not req.stream:
             return await full_response(job, reply, prompts, len(row_prompts), request)
@@ -525,6 +479,74 @@ def create_app(engine, model_name: str, api_key: str = "", max_batch_size: int =
         return await complete(request, ChatRequest)
 
     return app
+
+
+# -----------------------------------------------------------------------------
+# The HTTP server: uvicorn, with limits on connections, header sizes and the time headers and bodies take
+
+
+class TimedH11Protocol(H11Protocol):
+    """uvicorn's h11 connection with a deadline and a size limit for each request's headers: uvicorn closes idle
+    keep-alive connections, but would wait forever for headers that trickle in a byte at a time (slow loris),
+    and h11 bounds only headers that arrive in pieces."""
+
+    def __init__(self, *args, header_timeout_s: float, max_header_bytes: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.header_timeout_s, self.max_header_bytes = header_timeout_s, max_header_bytes
+        self.header_deadline: asyncio.TimerHandle | None = None
+        self.head = bytearray()  # what has arrived of the next request's headers
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.await_headers()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self.await_headers()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.in_request():
+            self.head += data
+            end = self.head.find(b"\r\n\r\n")
+            if end > self.max_header_bytes or (end < 0 and len(self.head) > self.max_header_bytes):
+                message = f"request headers over {self.max_header_bytes} bytes".encode()
+                self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\n"
+                                     b"content-type: text/plain\r\ncontent-length: %d\r\n\r\n%s"
+                                     % (len(message), message))
+                self.transport.close()
+                return
+        super().data_received(data)
+        if self.in_request():  # the headers are in; the body has its own timeout
+            self.head.clear()
+            if self.header_deadline:
+                self.header_deadline.cancel()
+
+    def connection_lost(self, exc) -> None:
+        if self.header_deadline:
+            self.header_deadline.cancel()
+        super().connection_lost(exc)
+
+    def in_request(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def await_headers(self) -> None:
+        if self.header_deadline:
+            self.header_deadline.cancel()
+        self.header_deadline = self.loop.call_later(self.header_timeout_s, self.headers_late)
+
+    def headers_late(self) -> None:
+        if not self.in_request() and not self.transport.is_closing():
+            self.transport.close()
+
+
+def server_config(app, log_level: str = "warning", max_connections: int = MAX_CONNECTIONS,
+                  header_timeout_s: float = HEADER_TIMEOUT_S, keep_alive_s: int = KEEP_ALIVE_S,
+                  max_header_bytes: int = MAX_HEADER_BYTES) -> uvicorn.Config:
+    protocol = functools.partial(TimedH11Protocol, header_timeout_s=header_timeout_s,
+                                 max_header_bytes=max_header_bytes)
+    return uvicorn.Config(app, http=protocol, log_level=log_level, limit_concurrency=max_connections,
+                          timeout_keep_alive=keep_alive_s, h11_max_incomplete_event_size=max_header_bytes,
+                          timeout_graceful_shutdown=2)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -548,9 +570,9 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def start_in_thread(app, sock: socket.socket) -> tuple[uvicorn.Server, str]:
+def start_in_thread(app, sock: socket.socket, **limits) -> tuple[uvicorn.Server, str]:
     """Run the app in a background thread (benchmark, tests); returns the server and its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(server_config(app, **limits))
     threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
     while not server.started:
         time.sleep(0.02)
@@ -562,24 +584,68 @@ def base_url(sock: socket.socket) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
+# -----------------------------------------------------------------------------
+# Flags, checked before anything is loaded
+
+
+def check_flags(cfg: dict) -> None:
+    at_least = {"max_batch_size": 1, "max_queue": 1, "max_request_bytes": 1, "max_header_bytes": 1024,
+                "keep_alive_s": 1, "batch_window_ms": 0}
+    for name, least in at_least.items():
+        if cfg[name] < least:
+            raise UserError(f"--{name} must be at least {least}, got {cfg[name]}", "Server")
+    for name in ("header_timeout_s", "body_timeout_s"):
+        if not cfg[name] > 0:
+            raise UserError(f"--{name} must be more than 0 seconds, got {cfg[name]}", "Server")
+    if cfg["max_connections"] <= cfg["max_queue"] + cfg["max_batch_size"]:
+        raise UserError(f"--max_connections={cfg['max_connections']} must exceed --max_queue + --max_batch_size "
+                        f"({cfg['max_queue'] + cfg['max_batch_size']}), or queued requests would be refused",
+                        "Server")
+    if cfg["scheduler"] not in ("continuous", "static"):
+        raise UserError(f"--scheduler must be continuous or static, got {cfg['scheduler']!r}", "Server")
+    for origin in cfg["allowed_origins"]:
+        if origin != "*" and not (origin.startswith(("http://", "https://")) and "/" not in origin.split("//")[1]):
+            raise UserError(f"--allowed_origins={origin}: an origin looks like https://app.example or "
+                            "http://localhost:3000 (no path), or * for any", "Server")
+
+
+def read_api_key(cfg: dict) -> str:
+    """--api_key, else --api_key_file, else $MODERN_LLM_API_KEY, else no key. Never printed."""
+    if cfg["api_key"] and cfg["api_key_file"]:
+        raise UserError("give --api_key or --api_key_file, not both", "Server")
+    if cfg["api_key_file"]:
+        try:
+            key = Path(cfg["api_key_file"]).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read --api_key_file={cfg['api_key_file']}: "
+                            f"{getattr(e, 'strerror', None) or type(e).__name__}", "Server") from None
+        if not key:
+            raise UserError(f"--api_key_file={cfg['api_key_file']} is empty", "Server")
+        return key
+    return cfg["api_key"] or os.environ.get(API_KEY_ENV, "").strip()
+
+
 def main(argv: list[str]) -> int:
     cfg, _ = parse_flags(_FLAG_DEFAULTS, argv, __file__, usage=__doc__)
-    for name in ("max_batch_size", "max_queue"):
-        if cfg[name] < 1:
-            raise UserError(f"--{name} must be at least 1, got {cfg[name]}", "Server")
-    sock = None if cfg["benchmark"] else listen(cfg["host"], cfg["port"])
+    check_flags(cfg)
+    api_key = read_api_key(cfg)
+    if cfg["benchmark"]:
+        from benchmarks.serving import benchmark
+        return benchmark(cfg["checkpoint"], cfg["device"])
+    sock = listen(cfg["host"], cfg["port"])
     engine = Engine(cfg["checkpoint"], device=cfg["device"], dtype=cfg["dtype"], quantize=cfg["quantize"] or None,
                     compile=cfg["compile"], max_batch_size=cfg["max_batch_size"])
     name = cfg["model_name"] or Path(cfg["checkpoint"]).resolve().name
-    app = create_app(engine, name, cfg["api_key"], cfg["max_batch_size"], cfg["max_queue"], cfg["batch_window_ms"],
-                     cfg["max_request_bytes"])
-    if sock is None:
-        from benchmarks.serving import benchmark
-        return benchmark(app, cfg["api_key"])
-    if cfg["host"] not in ("127.0.0.1", "localhost", "::1") and not cfg["api_key"]:
-        print(f"warning: listening on {cfg['host']} without --api_key: anyone who can reach it can use it")
-    print(f"serving {name} at {base_url(sock)}/v1 (Ctrl-C stops)", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=2)).run(sockets=[sock])
+    app = create_app(engine, name, api_key, cfg["max_batch_size"], cfg["max_queue"], cfg["batch_window_ms"],
+                     cfg["max_request_bytes"], cfg["body_timeout_s"], cfg["scheduler"], cfg["host"],
+                     cfg["allowed_hosts"], cfg["allowed_origins"])
+    if cfg["host"] not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"warning: listening on {cfg['host']} without an API key: anyone who can reach it can use it")
+    print(f"serving {name} at {base_url(sock)}/v1 (Ctrl-C stops)")
+    print(f"chat page: open {base_url(sock)}/ in a browser", flush=True)
+    config = server_config(app, "info", cfg["max_connections"], cfg["header_timeout_s"], cfg["keep_alive_s"],
+                           cfg["max_header_bytes"])
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 

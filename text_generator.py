@@ -19,7 +19,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -47,6 +48,9 @@ BENCHMARK = False  # measure decode tokens/s against transformers' generate and 
 _FLAG_DEFAULTS = settings_block(globals())  # the settings above are the flags
 
 END_OF_TURN = "<|im_end|>"  # the chat template's end-of-turn token: a reply stops there as at EOS
+# A step where rows join runs their prompt tokens and the running rows' tokens as one forward pass when
+# (inputs x cache slots read) stays under this: each input then reads a copy of its row's cache.
+PACKED_STEP_SLOTS = 65_536
 
 
 # -----------------------------------------------------------------------------
@@ -124,14 +128,48 @@ def min_p_filter(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 class Sampler:
-    """The per-row parameters of a batch as tensors, so one step processes every row at once."""
+    """The sampling parameters of a batch's rows as (rows, 1) tensors, so one step samples every row at once.
+    Rows join at the end and leave by the last row taking their place, as the rows of a Batch do."""
 
-    def __init__(self, params: list[SamplingParams], prompts: list[list[int]], vocab_size: int,
-                 device: torch.device, generator: torch.Generator):
+    def __init__(self, capacity: int, vocab_size: int, device: torch.device, generator: torch.Generator):
+        self.capacity, self.vocab_size, self.device, self.generator = capacity, vocab_size, device, generator
+        self.params: list[SamplingParams] = []
+        self.generators: list[torch.Generator] = []
+        self.seen = self.counts = None  # (capacity, V), allocated when a row first needs them
+        self.stale = True  # the columns need rebuilding: rows joined or left
+
+    def add(self, params: SamplingParams, prompt: list[int]) -> None:
+        i = len(self.params)
+        self.params.append(params)
+        # A row with a seed draws from its own generator: its text does not depend on the rest of the batch.
+        self.generators.append(self.generator if params.seed is None else
+                               torch.Generator(self.device).manual_seed(params.seed))
+        if params.repetition_penalty != 1 and self.seen is None:
+            self.seen = torch.zeros(self.capacity, self.vocab_size, dtype=torch.bool, device=self.device)
+        if self.seen is not None:
+            self.seen[i] = False
+            self.seen[i, prompt] = True
+        if (params.presence_penalty or params.frequency_penalty) and self.counts is None:
+            self.counts = torch.zeros(self.capacity, self.vocab_size, device=self.device)
+        if self.counts is not None:
+            self.counts[i] = 0
+        self.stale = True
+
+    def remove(self, i: int) -> None:
+        last = len(self.params) - 1
+        for table in (self.seen, self.counts):
+            if table is not None:
+                table[i] = table[last]
+        self.params[i], self.generators[i] = self.params[last], self.generators[last]
+        self.params.pop()
+        self.generators.pop()
+        self.stale = True
+
+    def columns(self) -> None:
         def column(values, dtype=torch.float32):
-            return torch.tensor(values, dtype=dtype, device=device)[:, None]
+            return torch.tensor(values, dtype=dtype, device=self.device)[:, None]
 
-        B, V = len(params), vocab_size
+        params, V = self.params, self.vocab_size
         self.greedy = column([p.temperature == 0 for p in params], torch.bool)
         self.temperature = column([p.temperature or 1.0 for p in params])
         self.top_k = column([p.top_k or V for p in params], torch.long)
@@ -140,24 +178,19 @@ class Sampler:
         self.repetition = column([p.repetition_penalty for p in params])
         self.presence = column([p.presence_penalty for p in params])
         self.frequency = column([p.frequency_penalty for p in params])
-        self.seen = self.counts = None  # allocated only when a row uses them
-        if any(p.repetition_penalty != 1 for p in params):
-            self.seen = torch.zeros(B, V, dtype=torch.bool, device=device)
-            for i, prompt in enumerate(prompts):
-                self.seen[i, prompt] = True
-        if any(p.presence_penalty or p.frequency_penalty for p in params):
-            self.counts = torch.zeros(B, V, device=device)
         self.sort = any(p.top_k or p.top_p < 1 for p in params)
         self.use_min_p = any(p.min_p > 0 for p in params)
         self.all_greedy = all(p.temperature == 0 for p in params)
-        # A row with a seed draws from its own generator: its text does not depend on the rest of the batch.
-        self.generators = [torch.Generator(device).manual_seed(p.seed) if p.seed is not None else generator
-                           for p in params]
+        self.stale = False
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """The next token of every row (B,), from the last position's logits (B, V)."""
-        logits = apply_penalties(logits.float(), self.seen, self.counts, self.repetition, self.presence,
-                                 self.frequency)
+        if self.stale:
+            self.columns()
+        B = logits.size(0)
+        seen = None if self.seen is None else self.seen[:B]
+        counts = None if self.counts is None else self.counts[:B]
+        logits = apply_penalties(logits.float(), seen, counts, self.repetition, self.presence, self.frequency)
         if self.all_greedy:
             return logits.argmax(dim=-1)
         greedy_choice = logits.argmax(dim=-1)
@@ -232,6 +265,7 @@ class RowState:
 
     def __init__(self, tokenizer, prompt: list[int], params: SamplingParams, max_new_tokens: int):
         self.stream = TextStream(tokenizer, prompt)
+        self.params = params
         self.stop = params.stop
         self.max_new_tokens = max_new_tokens
         self.tokens: list[int] = []
@@ -272,6 +306,27 @@ class RowState:
 # The engine
 
 
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Messages through the tokenizer's chat template, as token ids. The template's markers become control
+    tokens; the messages' own text stays text: "<|im_end|>" typed in a message is encoded as its characters,
+    so no message can end its turn early or open a system turn."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids, at = [], 0
+    for m in messages:
+        start = text.find(m["content"], at)
+        if start < 0:  # the template rewrote the text (trimmed it, say): it cannot be told from the markers
+            specials = tokenizer.get_added_vocab()
+            if any(s in msg["content"] for msg in messages for s in specials):
+                raise UserError("a message contains a special token's text and this chat template rewrites "
+                                "messages, so it cannot be kept as text; remove it", "Generation errors")
+            return tokenizer.encode(text, add_special_tokens=False)
+        ids += tokenizer.encode(text[at:start], add_special_tokens=False)
+        ids += tokenizer.encode(m["content"], add_special_tokens=False, split_special_tokens=True)
+        at = start + len(m["content"])
+    return ids + tokenizer.encode(text[at:], add_special_tokens=False)
+
+
+
 def load_checkpoint_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
@@ -283,9 +338,10 @@ def load_checkpoint_tokenizer(path: Path):
 
 
 class Engine:
-    """A loaded checkpoint that generates text for a batch of prompts, one step at a time.
+    """A loaded checkpoint that generates text for rows of prompts, one step at a time.
 
-    One batch runs at a time (a lock serialises callers); serve.py forms the batches.
+    One Batch runs at a time (a lock serialises callers): serve.py keeps one open and lets rows join it,
+    text_generator's own modes open one per call of stream().
     """
 
     def __init__(self, checkpoint: str | Path, device: str = "auto", dtype: str = "auto",
@@ -309,32 +365,37 @@ class Engine:
         self._lock = threading.Lock()
         self._decode = self._decode_step
         if compile:
-            # Each (batch, cache length) pair is its own static graph; allow enough of them before falling back.
+            # Each number of live rows is its own static graph; allow enough of them before falling back.
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             self._decode = torch.compile(self._decode_step, dynamic=False)
 
     # -- the model steps ---------------------------------------------------------------------------------------
-    def cache_length(self, needed: int) -> int:
-        """Round up to a quarter of the context so a compiled decode step sees few distinct shapes."""
+    def span(self, positions: int) -> int:
+        """Cache slots attention reads for rows up to `positions` long: rounded up to a quarter of the context,
+        so a compiled decode step sees few distinct shapes, and a short row does not read the whole context."""
         quarter = max(1, self.max_seq_len // 4)
-        return -(-needed // quarter) * quarter
+        return min(self.max_seq_len, -(-positions // quarter) * quarter)
 
-    @torch.inference_mode()
-    def _prefill(self, idx: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-        """Run the left-padded prompts (B, P) through the model once; the last position's logits (B, V).
-        A padding query may see only itself, so no attention row is empty (an empty one would give NaN)."""
-        B, P = idx.shape
-        slots = torch.arange(P, device=idx.device)
-        pos = (slots - pad[:, None]).clamp(min=0)
-        keys = torch.arange(self.model.cache_len, device=idx.device)
-        mask = (keys <= slots[:, None]) & ((keys >= pad[:, None, None]) | (keys == slots[:, None]))
-        return self.model(idx, pos=pos, slots=slots, mask=mask[:, None]).float()[:, -1]
+    def _decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, rows: slice | torch.Tensor,
+                     span: int) -> torch.Tensor:
+        """One token per input (B, 1), each at its own position pos (B, 1) in its own cache row: rows is a slice
+        of the cache's rows, or a tensor (B,) of row numbers that may repeat (a joining prompt's tokens packed
+        with the running rows' tokens into one pass, see Batch.logits). Reads the first `span` slots; the logits
+        (B, V). With a slice, the shapes are fixed for a number of rows and span: compilable."""
+        mask = (torch.arange(span, device=tokens.device) <= pos)[:, None, None]
+        return self.model(tokens, pos=pos, slots=pos, mask=mask, view=(rows, span)).float()[:, -1]
 
-    def _decode_step(self, tokens: torch.Tensor, slot: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-        """One token per row (B, 1) at cache slot `slot` (1,); its logits (B, V). Fixed shapes: compilable."""
-        keys = torch.arange(self.model.cache_len, device=tokens.device)
-        mask = (keys >= pad[:, None]) & (keys <= slot)
-        return self.model(tokens, pos=slot - pad[:, None], slots=slot, mask=mask[:, None, None]).float()[:, -1]
+    def _prefill(self, prompts: list[list[int]], first_row: int) -> torch.Tensor:
+        """Run prompts through the model once, into cache rows first_row.., right-padded: every row starts at
+        slot 0 and position 0, as it would alone (the padding's slots are overwritten before any row sees them).
+        The logits of each prompt's last token (B, V)."""
+        B, P = len(prompts), max(map(len, prompts))
+        idx = torch.tensor([x + [self.pad_id] * (P - len(x)) for x in prompts], device=self.device)
+        slots = torch.arange(P, device=self.device)
+        causal = slots <= slots[:, None]
+        logits = self.model(idx, pos=slots, mask=causal, view=(slice(first_row, first_row + B), P))
+        last = torch.tensor([len(x) - 1 for x in prompts], device=self.device)
+        return logits[torch.arange(B, device=self.device), last].float()
 
     # -- the public API ----------------------------------------------------------------------------------------
     def check_prompt(self, prompt: list[int]) -> None:
@@ -347,6 +408,16 @@ class Engine:
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise UserError(f"prompt token ids must lie in [0, {vocab})", "Generation errors")
 
+    @contextmanager
+    def batch(self, capacity: int) -> Iterator[Batch]:
+        """An empty Batch of up to `capacity` rows over a KV cache of the whole context per row."""
+        with self._lock:
+            self.model.setup_cache(capacity, self.max_seq_len)
+            try:
+                yield Batch(self, capacity)
+            finally:
+                self.model.clear_cache()
+
     def stream(self, prompts: list[list[int]], params: list[SamplingParams],
                cancelled: Callable[[int], bool] | None = None) -> Iterator[list[TokenEvent | None]]:
         """Generate for every row together; yield, per decode step, each row's TokenEvent, or None for a row
@@ -357,41 +428,14 @@ class Engine:
         if not 1 <= len(prompts) <= self.max_batch_size:
             raise UserError(f"{len(prompts)} prompts in one batch; this engine takes 1 to {self.max_batch_size}",
                             "Generation errors")
-        for prompt, p in zip(prompts, params):
-            self.check_prompt(prompt)
-            p.validate()
-        with self._lock:
-            yield from self._stream(prompts, params, cancelled or (lambda row: False))
-
-    def _stream(self, prompts, params, cancelled) -> Iterator[list[TokenEvent | None]]:
-        B, P = len(prompts), max(map(len, prompts))
-        budgets = [min(p.max_new_tokens, self.max_seq_len - len(x)) for x, p in zip(prompts, params)]
-        rows = [RowState(self.tokenizer, x, p, n) for x, p, n in zip(prompts, params, budgets)]
-        pad = torch.tensor([P - len(x) for x in prompts], device=self.device)
-        idx = torch.tensor([[self.pad_id] * (P - len(x)) + x for x in prompts], device=self.device)
-        sampler = Sampler(params, prompts, self.model.cfg.vocab_size, self.device, self.generator)
-        self.model.setup_cache(B, self.cache_length(P + max(budgets)))
-        try:
-            logits = self._prefill(idx, pad)
-            for slot in range(P, P + max(budgets)):
-                with torch.inference_mode():
-                    tokens = sampler(logits)
-                    sampler.update(tokens)
-                step: list[TokenEvent | None] = []
-                for i, (row, token) in enumerate(zip(rows, tokens.tolist())):
-                    if row.finished:
-                        step.append(None)
-                    elif cancelled(i):
-                        step.append(row.finish(None, "", "cancelled"))
-                    else:
-                        step.append(row.event(token, self.end_tokens))
+        with self.batch(len(prompts)) as batch:
+            for row, (prompt, p) in enumerate(zip(prompts, params)):
+                batch.add(prompt, p, key=row)  # checks the prompt and the parameters
+            while batch:
+                step: list[TokenEvent | None] = [None] * len(prompts)
+                for row, event in batch.step(cancelled or (lambda row: False)):
+                    step[row] = event
                 yield step
-                if all(row.finished for row in rows):
-                    return
-                with torch.inference_mode():
-                    logits = self._decode(tokens[:, None], torch.tensor([slot], device=self.device), pad)
-        finally:
-            self.model.clear_cache()
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Completion]:
         """Whole answers, in batches of at most max_batch_size."""
@@ -407,6 +451,113 @@ class Engine:
                         reasons[i] = ev.finish_reason or ""
             out += [Completion(t, ids, r, len(x), len(ids)) for t, ids, r, x in zip(texts, tokens, reasons, chunk)]
         return out
+
+
+@dataclass(eq=False)
+class Row:
+    """A row of a Batch: who it answers (key), its answer so far, and what the next step feeds the model."""
+
+    key: Any
+    state: RowState
+    prompt: list[int]
+    token: int | None = None  # the last sampled token, fed to the model at the next step; None before prefill
+
+    @property
+    def pos(self) -> int:  # the position (and cache slot) of `token`
+        return len(self.prompt) + len(self.state.tokens) - 1
+
+
+class Batch:
+    """Rows decoding together, joining and leaving between steps (continuous batching).
+
+    Each row has its own cache row and its own positions, from slot 0, so a row that joins a running batch
+    computes what it would alone, and a seeded row draws from its own generator. A row added between steps is
+    prefilled at the next one (and gets its first token there); a row that ends, or is cancelled, leaves at
+    once: the last row moves into its place, so the live rows stay at the front and a decode step runs on a
+    view of the cache, not a copy. Open one with Engine.batch().
+    """
+
+    def __init__(self, engine: Engine, capacity: int):
+        self.engine, self.capacity = engine, capacity
+        self.rows: list[Row] = []
+        self.joining: list[Row] = []  # added since the last step
+        self.sampler = Sampler(capacity, engine.model.cfg.vocab_size, engine.device, engine.generator)
+
+    def __len__(self) -> int:
+        return len(self.rows) + len(self.joining)
+
+    def free(self) -> int:
+        return self.capacity - len(self)
+
+    def add(self, prompt: list[int], params: SamplingParams, key: Any) -> None:
+        """A row that joins at the next step; key is what step() reports its events under."""
+        if not self.free():
+            raise ValueError(f"the batch is full ({self.capacity} rows)")
+        self.engine.check_prompt(prompt)
+        params.validate()
+        budget = min(params.max_new_tokens, self.engine.max_seq_len - len(prompt))
+        self.joining.append(Row(key, RowState(self.engine.tokenizer, prompt, params, budget), prompt))
+
+    def step(self, cancelled: Callable[[Any], bool] = lambda key: False) -> list[tuple[Any, TokenEvent]]:
+        """One token for every row: the (key, TokenEvent) of each row, cancelled rows' last events included."""
+        events = []
+        for row in [r for r in self.rows + self.joining if cancelled(r.key)]:
+            events.append((row.key, row.state.finish(None, "", "cancelled")))
+            if row in self.joining:
+                self.joining.remove(row)
+            else:
+                self.remove(self.rows.index(row))
+        running, joining = len(self.rows), self.joining
+        for row in joining:
+            self.rows.append(row)
+            self.sampler.add(row.state.params, row.prompt)
+        self.joining = []
+        if not self.rows:
+            return events
+        with torch.inference_mode():
+            tokens = self.sampler(self.logits(running, joining))
+            self.sampler.update(tokens)
+        ended = []
+        for i, (row, token) in enumerate(zip(self.rows, tokens.tolist())):
+            row.token = token
+            events.append((row.key, row.state.event(token, self.engine.end_tokens)))
+            if row.state.finished:
+                ended.append(i)
+        for i in reversed(ended):
+            self.remove(i)
+        return events
+
+    def logits(self, running: int, joining: list[Row]) -> torch.Tensor:
+        """The next-token logits of every row: the running rows (0..running-1) feed their last token, the
+        joining ones their prompt. One forward pass for all when small enough (see PACKED_STEP_SLOTS); else
+        a decode step on a view of the cache and a prefill of the joining rows."""
+        engine, old = self.engine, self.rows[:running]
+        inputs = [(r.token, r.pos, i) for i, r in enumerate(old)]
+        ends = list(range(running))  # the input whose logits each row samples from
+        for j, row in enumerate(joining):
+            inputs += [(t, p, running + j) for p, t in enumerate(row.prompt)]
+            ends.append(len(inputs) - 1)
+        tokens, pos, rows = (torch.tensor(column, device=engine.device) for column in zip(*inputs))
+        span = engine.span(int(pos.max()) + 1)
+        if joining and len(inputs) * span <= PACKED_STEP_SLOTS:  # one pass; each input reads a copy of its row
+            logits = engine._decode_step(tokens[:, None], pos[:, None], rows, span)
+            return logits[torch.tensor(ends, device=engine.device)]
+        logits = []
+        if running:
+            span = engine.span(int(pos[:running].max()) + 1)
+            logits.append(engine._decode(tokens[:running, None], pos[:running, None], slice(0, running), span))
+        if joining:
+            logits.append(engine._prefill([r.prompt for r in joining], running))
+        return torch.cat(logits)
+
+    def remove(self, i: int) -> None:
+        """Row i leaves; the last row takes its place in the list, the cache and the sampler."""
+        last = len(self.rows) - 1
+        if i != last:
+            self.engine.model.move_cache_row(last, i)
+            self.rows[i] = self.rows[last]
+        self.rows.pop()
+        self.sampler.remove(i)
 
 
 # -----------------------------------------------------------------------------
@@ -491,8 +642,7 @@ class Session:
         if not self.chat:
             return tok.encode(text, add_special_tokens=False)
         self.messages.append({"role": "user", "content": text})
-        chat = tok.apply_chat_template(self.messages, tokenize=False, add_generation_prompt=True)
-        return tok.encode(chat, add_special_tokens=False)
+        return chat_prompt_ids(tok, self.messages)
 
     def answer(self, text: str) -> None:
         """Stream the answer to `text`; Ctrl-C stops it and keeps what was written."""

@@ -2,7 +2,8 @@
 A training run's directory and what it takes to resume one exactly.
 
 OUT_DIR/checkpoint-<step>/ is a complete Hugging Face checkpoint (checkpoint.py) plus the training state beside
-it: trainer_state.json (step, schedule length, validation loss, the run's settings) and training_state.pt
+it: trainer_state.json (step, schedule length, validation loss, the task: "pretrain" or chat fine-tuning "sft",
+the run's settings) and training_state.pt
 (optimizer, GradScaler and RNG states, loaded with weights_only=True). The newest KEEP_CHECKPOINTS are kept,
 plus the best by validation loss; the final model goes to OUT_DIR itself.
 """
@@ -101,11 +102,14 @@ def save_training_checkpoint(out: Path, step: int, model: LLM, optimizer, scaler
     return path
 
 
-def save_final_model(out: Path, model: LLM, tokenizer, token_ids: dict, step: int, best: float | None) -> None:
-    """The final model at OUT_DIR itself, as the Hugging Face Trainer leaves it: from_pretrained(OUT_DIR) works."""
+def save_final_model(out: Path, model: LLM, tokenizer, token_ids: dict, step: int, best: float | None,
+                     task: str) -> None:
+    """The final model at OUT_DIR itself, as the Hugging Face Trainer leaves it: from_pretrained(OUT_DIR) works.
+    Its task tells serve.py's chat page whether the model has seen chats (checkpoint.trained_on_chats)."""
     def extra(tmp: Path) -> None:
         tokenizer.save_pretrained(str(tmp))
-        (tmp / STATE_FILE).write_text(json.dumps({"global_step": step, "best_val_loss": best}) + "\n")
+        record = {"global_step": step, "best_val_loss": best, "task": task}
+        (tmp / STATE_FILE).write_text(json.dumps(record) + "\n")
 
     whole = whole_model(model)
     if whole is not None:

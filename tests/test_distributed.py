@@ -1,7 +1,7 @@
 """Several processes with torchrun (gloo, 2 CPU processes, the tiny model, fp32, compile off): DDP with 2 x 4 rows
-trains exactly as 1 process with 8 rows, FSDP2 exactly as DDP, a checkpoint saved by 2 processes resumes in 1
-and one saved by 1 resumes in 2, and a rank that stops answering makes the run stop with a clear error instead
-of hanging. Each torchrun launch costs ~10-25 s here (two Python processes importing torch on 2 shared cores),
+trains exactly as 1 process with 8 rows, also on two machines rehearsed on this one (two torchrun agents meeting
+at a c10d rendezvous), FSDP2 exactly as DDP, a checkpoint saved by 2 processes resumes in 1 and one saved by 1
+resumes in 2, and a rank that stops answering makes the run stop with a clear error instead of hanging. Each torchrun launch costs ~10-25 s here (two Python processes importing torch on 2 shared cores),
 so the runs are module fixtures that several tests compare."""
 
 import json
@@ -72,6 +72,26 @@ def torchrun(*args, fault: str | None = None, timeout: int = 240) -> subprocess.
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def two_machines(logs, *args, timeout: int = 300) -> list[tuple[int, str]]:
+    """The script on two machines rehearsed on this one: two torchrun agents, started alike as on two machines
+    (one process each), meeting through a c10d rendezvous on 127.0.0.1. Each agent's (exit code, output)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+           f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_id=rehearsal", SCRIPT, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    paths = [logs / f"agent{i}.log" for i in range(2)]
+    agents = []
+    for path in paths:  # to files, not pipes: neither agent can block on a full pipe
+        with open(path, "w") as log:
+            agents.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
+    try:
+        codes = [a.wait(timeout=timeout) for a in agents]
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                a.kill()
+    return [(code, path.read_text()) for code, path in zip(codes, paths)]
+
+
 def launched(*args) -> subprocess.CompletedProcess:
     run = torchrun(*args)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
@@ -124,6 +144,22 @@ def test_ddp_2_processes_x_4_rows_train_as_1_process_x_8_rows(one_process, ddp):
     assert run.stdout.count("\ndone:") == 1  # rank 0 alone prints
     assert "2 processes, ddp" in run.stdout
     assert "global batch 16 = micro-batch 4 x accumulation 2 x 2 processes" in run.stdout
+
+
+@pytest.mark.slow
+def test_two_machines_of_one_process_train_and_resume_as_one_process(data_root, one_process, tmp_path):
+    """--nnodes=2: 2 x 4 rows on two "machines" to step 3, a checkpoint, then resumed by one process of 8 rows
+    (the same global batch of 16): the weights of one process with 8 rows all along."""
+    out = tmp_path / "out"
+    agents = two_machines(tmp_path, *flags(data_root, out, "--batch_size=4", "--stop_after=3"))
+    assert [code for code, _ in agents] == [0, 0], "\n".join(log[-3000:] for _, log in agents)
+    log = "".join(log for _, log in agents)  # rank 0 prints, on whichever agent the rendezvous made node 0
+    assert log.count("2 processes, ddp") == 1
+    assert "global batch 16 = micro-batch 4 x accumulation 2 x 2 processes" in log
+    assert_same_weights(out / "checkpoint-3", one_process / "checkpoint-3")
+    resumed = tmp_path / "resumed"
+    assert in_this_process(flags(data_root, resumed, "--batch_size=8", f"--resume={out / 'checkpoint-3'}")) == 0
+    assert_same_weights(resumed, one_process)
 
 
 def test_fsdp_trains_as_ddp_and_saves_whole_checkpoints(ddp, fsdp):

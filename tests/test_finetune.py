@@ -81,6 +81,7 @@ def test_init_from_matches_transformers_then_trains_into_a_directory_transformer
     out = tmp_path / "out"
     state = json.loads((out / "checkpoint-3" / checkpoint.STATE_FILE).read_text())["config"]
     assert (state["lr"], state["min_lr"], state["warmup_steps"]) == (5e-5, 5e-6, 20)  # fine-tune defaults
+    assert checkpoint.saved_state(out)["task"] == "pretrain" and not checkpoint.trained_on_chats(out)  # plain text
     saved, before = load_file(out / checkpoint.WEIGHTS_FILE), theirs.state_dict()
     assert torch.equal(saved["model.embed_tokens.weight"], before["model.embed_tokens.weight"])  # frozen
     assert not torch.equal(saved["lm_head.weight"], before["lm_head.weight"])  # the untied head trained
@@ -180,6 +181,7 @@ def test_short_sft_run_teaches_the_answers_it_trained_on(tmp_path, tiny_tokenize
     after = greedy_answers(checkpoint.load_model(tmp_path / "out").eval(), tiny_tokenizer, trained)
     assert not set(before) & set(expected)
     assert after == expected
+    assert checkpoint.trained_on_chats(tmp_path / "out")  # the final model records it; the chat page reads it
 
 
 @pytest.mark.parametrize("problem", ["architecture", "shard", "role", "content", "task", "hub", "model"])

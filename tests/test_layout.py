@@ -19,7 +19,7 @@ LAYERS = [
     {"modern_llm", "muon_optimizer"},
     {"checkpoint", "corpora", "distributed", "monitor"},
     {"prepare_data", "training_state"},
-    {"gpu_training_optimized", "text_generator", "evaluate_model", "export_model"},
+    {"gpu_training_optimized", "text_generator", "evaluate_model", "export_model", "serve_requests"},
     {"serve"},
     {"speed_optimizations_2025"} | {m for m in PROJECT if m.startswith("benchmarks.")},
 ]

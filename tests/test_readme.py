@@ -79,6 +79,7 @@ NOT_RUN = {
     "lm_eval ": "lm-evaluation-harness is an optional extra, not installed in CI",
     "--host=0.0.0.0": "a second server (the first one in the block is started and queried)",
     "prepare_data.py --benchmark": "tokenizes the built-in corpus 9 times (about a minute)",
+    "speed_optimizations_2025.py gpu": "needs a CUDA GPU (tests/test_gpu.py checks its one-line refusal here)",
 }
 # Environment setup: pip's requirements are checked to be installed; venv/conda lines are what CI itself did.
 SETUP = ("python -m venv", "python3 -m venv", "source ")
@@ -145,7 +146,7 @@ COMMANDS = readme_commands()
 
 
 def not_run_reason(command: str) -> str | None:
-    if command.startswith("torchrun") and "--device=cpu" not in command:
+    if split(command)[1][0] == "torchrun" and "--device=cpu" not in command:  # NCCL_...=x torchrun too
         return "torchrun on CUDA GPUs"
     return next((why for pattern, why in NOT_RUN.items() if pattern in command), None)
 
