@@ -59,7 +59,6 @@ _FLAG_DEFAULTS = settings_block(globals())  # the settings above are the flags
 
 # The other reports: `python speed_optimizations_2025.py NAME [flags]` runs benchmarks/<module>.py's main.
 REPORTS = {"decode": "benchmarks.decode", "serving": "benchmarks.serving", "tokenization": "benchmarks.tokenization",
-REPORTS = {"decode": "benchmarks.decode", "serving": "benchmarks.serving", "tokenization": "benchmarks.tokenization",
            "muon": "benchmarks.muon", "gpu": "benchmarks.gpu", "vs_transformers": "benchmarks.vs_transformers",
            "memory_plan": "benchmarks.memory_plan"}
 
