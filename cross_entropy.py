@@ -66,6 +66,18 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_x * grad_out, grad_w * grad_out, None, None
 
 
+def loss_memory(tokens: int, d_model: int, vocab_size: int, autocast: bool) -> int:
+    """Peak bytes of ChunkedLinearCrossEntropy's forward: the fp32 gradients of x and of the weight it keeps for
+    backward, and while it runs the bf16 copies of both and, at most, a chunk's bf16 logits and their fp32 copy,
+    or its bf16 gradient with the weight gradient's bf16 share and that share's fp32 copy for the sum."""
+    chunk = min(tokens, loss_chunk_rows(vocab_size)) * vocab_size
+    if autocast:
+        transient = 2 * (tokens + vocab_size) * d_model + max(6 * chunk, 2 * chunk + 6 * vocab_size * d_model)
+    else:
+        transient = 4 * chunk + 4 * vocab_size * d_model
+    return 4 * (tokens + vocab_size) * d_model + transient
+
+
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The mean cross-entropy of the output head (x @ weight.T) against targets (-100 ignored), never holding
     the full logits: Liger kernels' fused Triton version on CUDA where `liger-kernel` is installed, else

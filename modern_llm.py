@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import UserError
-from cross_entropy import linear_cross_entropy, loss_chunk_rows
+from cross_entropy import linear_cross_entropy, loss_memory
 
 # -----------------------------------------------------------------------------
 # Configuration and size presets
@@ -394,64 +394,38 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
 
 
-# Allocator overhead over the allocated peak (the CUDA caching allocator's rounding and fragmentation)
-FRAGMENTATION = 1.1
+FRAGMENTATION = 1.1  # the CUDA caching allocator's rounding and fragmentation over the allocated peak
 
 
 def activation_bytes_per_token(cfg: ModelConfig, autocast: bool) -> int:
-    """Bytes one block saves for backward per token (eager; torch.compile saves less), as measured with
-    saved-tensor hooks (benchmarks/memory_plan.py checks it): each RMSNorm's fp32 input and normalised input,
-    the inputs of the five input projections (under autocast each casts its own bf16 copy; in fp32 the two
-    norms' outputs serve them), attention's q, k, v, output and log-sum-exp, and SwiGLU's four intermediates."""
-    b = 2 if autocast else 4  # bytes of a saved activation
-    d, hd, kv = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
-    norms = 2 * (4 * d + 4 * d + 4)
-    inputs = 5 * 2 * d if autocast else 2 * 4 * d
-    return norms + inputs + b * (2 * hd + 2 * kv) + 4 * cfg.n_head + 4 * b * cfg.ffn_hidden
+    """Bytes a block saves for backward per token, eager (as saved-tensor hooks saw them): 2 RMSNorms' fp32 input and
+    normalised input; the projections' inputs (autocast: 5 bf16 casts; fp32: the 2 norms' outputs); attention's q,
+    k, v, output and log-sum-exp; SwiGLU's 4 intermediates. torch.compile saves less."""
+    b, d, hd, kv = 2 if autocast else 4, cfg.d_model, cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    return 2 * (8 * d + 4) + (10 if autocast else 8) * d + b * (2 * hd + 2 * kv + 4 * cfg.ffn_hidden) + 4 * cfg.n_head
 
 
 def estimate_training_memory(cfg: ModelConfig, batch_size: int, seq_len: int, optimizer: str = "adamw",
                              activation_checkpointing: bool = False, autocast: bool = True,
                              world_size: int = 1, shard: bool = False) -> dict[str, int]:
-    """Peak training memory in bytes, by part: fp32 weights and grads, optimizer state, activations, logits
-    (the loss), and the total a run must have (the allocated peak x FRAGMENTATION).
-
-    Optimizer state is 2 fp32 tensors per parameter for AdamW; Muon keeps one momentum for hidden matrices.
-    Activations are what the forward pass saves for backward (activation_bytes_per_token per block, the final
-    norm's, and under autocast the bf16 copies of the weight matrices, alive until the forward pass ends);
-    with activation checkpointing each block keeps only its fp32 input, and backward recomputes one block's
-    full set at a time. The loss (ChunkedLinearCrossEntropy) keeps the fp32 gradients of its input and of
-    the output weight from its forward pass, and holds bf16 copies of both and one chunk's temporaries while
-    it runs. The peak is at the loss, when every activation is alive, or in backward: at its end, when every
-    gradient is, or while a checkpointed block is recomputed.
-    `shard` (FSDP) divides weights, grads and state by world_size. Checked against measured peaks by
-    `python speed_optimizations_2025.py memory_plan`.
-    """
-    n = count_params(cfg)
+    """Training memory in bytes by part (fp32 weights and grads, optimizer state: AdamW 2 fp32 tensors per parameter,
+    Muon 1 for hidden matrices; activations; logits: the loss's) and the total a run needs, the allocated peak x
+    FRAGMENTATION (`python speed_optimizations_2025.py memory_plan` checks each against a measured step). Under
+    autocast activations include each weight's bf16 copy, alive until forward ends; checkpointing keeps each block's
+    input, recomputing one block at a time. The peak: at the loss (every activation alive), or in backward (every
+    gradient alive, or a block recomputed). `shard` (FSDP) divides weights, grads and state by world_size."""
+    n, hidden = count_params(cfg), count_block_matrices(cfg)
     weights = grads = 4 * n
-    if optimizer == "muon":  # one momentum for block matrices, AdamW's two moments for the rest
-        hidden = count_block_matrices(cfg)
-        state = 4 * hidden + 8 * (n - hidden)
-    else:
-        state = 8 * n
+    state = 4 * hidden + 8 * (n - hidden) if optimizer == "muon" else 8 * n
     if shard and world_size > 1:
         weights, grads, state = weights // world_size, grads // world_size, state // world_size
-    tokens, d, vocab = batch_size * seq_len, cfg.d_model, cfg.vocab_size
+    tokens = batch_size * seq_len
     layer = tokens * activation_bytes_per_token(cfg, autocast)
-    copies = 2 * count_block_matrices(cfg) // cfg.n_layer if autocast else 0  # one block's bf16 weights
-    # autocast keeps each weight's bf16 copy until the forward pass ends, with activation checkpointing too
-    if activation_checkpointing:  # saved: each block's input; recomputed in backward: one block's full set
-        activations, recompute = cfg.n_layer * (tokens * d * 4 + copies), layer + copies
-    else:
-        activations, recompute = cfg.n_layer * (layer + copies), 0
-    activations += tokens * (8 * d + 8)  # the final norm, the token ids
-    chunk = min(tokens, loss_chunk_rows(vocab)) * vocab
-    if autocast:  # bf16 copies of x and the weight; then at most a chunk's bf16 logits and their fp32 copy, or
-        # its bf16 gradient with the weight gradient's bf16 share and that share's fp32 copy for the sum
-        transient = 2 * (tokens + vocab) * d + max(6 * chunk, 2 * chunk + 6 * vocab * d)
-    else:
-        transient = 4 * chunk + 4 * vocab * d
-    logits = 4 * (tokens + vocab) * d + transient  # + the fp32 gradients it keeps for backward
+    copies = 2 * hidden // cfg.n_layer if autocast else 0  # one block's bf16 weights
+    saved = tokens * cfg.d_model * 4 if activation_checkpointing else layer  # per block
+    activations = cfg.n_layer * (saved + copies) + tokens * (8 * cfg.d_model + 8)  # + the final norm, token ids
+    recompute = layer + copies if activation_checkpointing else 0
+    logits = loss_memory(tokens, cfg.d_model, cfg.vocab_size, autocast)
     peak = weights + state + max(activations + logits, max(activations, grads) + recompute)
     return {"weights": weights, "grads": grads, "optimizer": state, "activations": activations,
             "logits": logits, "total": int(FRAGMENTATION * peak)}
