@@ -88,9 +88,9 @@ _FLAG_DEFAULTS = settings_block(globals())  # the settings above are the flags; 
 # Hardware presets: the settings each fills in (explicit flags win), and the memory it is sized for (GiB).
 # The training memory each needs is predicted with modern_llm.estimate_training_memory before anything runs.
 HARDWARE = {
-    # compile on: on the 2-core CPU a compiled step of `small` took 0.66-0.72x the eager one's CPU time (bf16,
-    # fused AdamW, shared machine); compiling costs well under the ~100 s after which the 6-minute run would
-    # lose by it (inductor's cache makes later starts quicker still)
+    # compile on: on the shared 2-core CPU a compiled step of `small` took 0.66-0.72x the eager one's CPU time
+    # (bf16, fused AdamW) and compiling ~60 s, so it pays after ~3 of the 6 minutes (inductor's cache makes
+    # later starts quicker); `python speed_optimizations_2025.py vs_transformers` shows both
     "cpu": dict(memory_gib=None, model="small", batch_size=8, grad_accum=1, seq_len=256, lr=2e-3, min_lr=2e-4,
                 warmup_steps=30, max_steps=0, max_minutes=6.0, compile=True, eval_interval=100, eval_steps=10,
                 checkpoint_interval=100, log_interval=100),
