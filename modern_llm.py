@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import UserError
+from cross_entropy import linear_cross_entropy, loss_memory
 
 # -----------------------------------------------------------------------------
 # Configuration and size presets
@@ -327,6 +328,8 @@ class LLM(nn.Module):
             else:
                 x = layer(x, cos, sin, slots, mask, view)
         x = self.model.norm(x)
+        if targets is not None and self.int8_head is None:
+            return linear_cross_entropy(x.flatten(0, 1), self.output_weight, targets.reshape(-1))
         logits = F.linear(x, self.output_weight) if self.int8_head is None else self.int8_head(x)
         if targets is None:
             return logits
@@ -391,38 +394,41 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
 
 
+FRAGMENTATION = 1.1  # the CUDA caching allocator's rounding and fragmentation over the allocated peak
+
+
+def activation_bytes_per_token(cfg: ModelConfig, autocast: bool) -> int:
+    """Bytes a block saves for backward per token, eager (as saved-tensor hooks saw them): 2 RMSNorms' fp32 input and
+    normalised input; the projections' inputs (autocast: 5 bf16 casts; fp32: the 2 norms' outputs); attention's q,
+    k, v, output and log-sum-exp; SwiGLU's 4 intermediates. torch.compile saves less."""
+    b, d, hd, kv = 2 if autocast else 4, cfg.d_model, cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    return 2 * (8 * d + 4) + (10 if autocast else 8) * d + b * (2 * hd + 2 * kv + 4 * cfg.ffn_hidden) + 4 * cfg.n_head
+
+
 def estimate_training_memory(cfg: ModelConfig, batch_size: int, seq_len: int, optimizer: str = "adamw",
                              activation_checkpointing: bool = False, autocast: bool = True,
                              world_size: int = 1, shard: bool = False) -> dict[str, int]:
-    """Peak training memory in bytes, by part: fp32 weights and grads, optimizer state, activations, logits.
-
-    Optimizer state is 2 fp32 tensors per parameter for AdamW; Muon keeps one momentum for hidden matrices.
-    Activations count the tensors a block saves for backward under bf16 autocast with fused SDPA attention
-    (about 26*d + 6*kv + 10*ffn bytes per token per layer: fp32 residual/norm inputs, bf16 projections,
-    the SwiGLU intermediates); with activation checkpointing a block keeps only its fp32 input, plus one
-    block's full set during recomputation. `shard` (FSDP) divides weights, grads and state by world_size.
-    """
-    n = count_params(cfg)
-    b = 2 if autocast else 4  # bytes of a saved activation
+    """Training memory in bytes by part (fp32 weights and grads, optimizer state: AdamW 2 fp32 tensors per parameter,
+    Muon 1 for hidden matrices; activations; logits: the loss's) and the total a run needs, the allocated peak x
+    FRAGMENTATION (`python speed_optimizations_2025.py memory_plan` checks each against a measured step). Under
+    autocast activations include each weight's bf16 copy, alive until forward ends; checkpointing keeps each block's
+    input, recomputing one block at a time. The peak: at the loss (every activation alive), or in backward (every
+    gradient alive, or a block recomputed). `shard` (FSDP) divides weights, grads and state by world_size."""
+    n, hidden = count_params(cfg), count_block_matrices(cfg)
     weights = grads = 4 * n
-    if optimizer == "muon":  # one momentum for block matrices, AdamW's two moments for the rest
-        hidden = count_block_matrices(cfg)
-        state = 4 * hidden + 8 * (n - hidden)
-    else:
-        state = 8 * n
+    state = 4 * hidden + 8 * (n - hidden) if optimizer == "muon" else 8 * n
     if shard and world_size > 1:
         weights, grads, state = weights // world_size, grads // world_size, state // world_size
     tokens = batch_size * seq_len
-    kv = cfg.n_kv_head * cfg.head_dim
-    per_layer = tokens * (4 * 2 * cfg.d_model + b * (9 * cfg.d_model + 3 * kv + 5 * cfg.ffn_hidden))
-    if activation_checkpointing:
-        activations = cfg.n_layer * tokens * cfg.d_model * 4 + per_layer
-    else:
-        activations = cfg.n_layer * per_layer
-    logits = tokens * cfg.vocab_size * (b + 4 + 4)  # logits, fp32 copy for the loss, its gradient
-    total = int(1.1 * (weights + grads + state + activations + logits))  # ~10% allocator fragmentation
+    layer = tokens * activation_bytes_per_token(cfg, autocast)
+    copies = 2 * hidden // cfg.n_layer if autocast else 0  # one block's bf16 weights
+    saved = tokens * cfg.d_model * 4 if activation_checkpointing else layer  # per block
+    activations = cfg.n_layer * (saved + copies) + tokens * (8 * cfg.d_model + 8)  # + the final norm, token ids
+    recompute = layer + copies if activation_checkpointing else 0
+    logits = loss_memory(tokens, cfg.d_model, cfg.vocab_size, autocast)
+    peak = weights + state + max(activations + logits, max(activations, grads) + recompute)
     return {"weights": weights, "grads": grads, "optimizer": state, "activations": activations,
-            "logits": logits, "total": total}
+            "logits": logits, "total": int(FRAGMENTATION * peak)}
 
 
 # -----------------------------------------------------------------------------

@@ -5,7 +5,7 @@ all together against an eager fp32 baseline, side by side in one run, so the fig
     python speed_optimizations_2025.py                 # `small` model on CPU (~5 min), 125m on a GPU
     python speed_optimizations_2025.py --quick         # tiny model, about a minute: does every row run here?
     python speed_optimizations_2025.py --rows=baseline --rows=transformers   # only some rows
-    python speed_optimizations_2025.py decode --checkpoint=out   # another report: decode, serving, tokenization, muon
+    python speed_optimizations_2025.py vs_transformers   # a report: vs_transformers, memory_plan, decode, muon, ...
 
 A row is a training step (forward, backward, optimizer): warm-up steps, then the median of timed steps. The table
 (tokens/s, speed-up over the baseline, forward+backward and optimizer time, peak memory, MFU) is printed and
@@ -60,7 +60,8 @@ _FLAG_DEFAULTS = settings_block(globals())  # the settings above are the flags
 
 # The other reports: `python speed_optimizations_2025.py NAME [flags]` runs benchmarks/<module>.py's main.
 REPORTS = {"decode": "benchmarks.decode", "serving": "benchmarks.serving", "tokenization": "benchmarks.tokenization",
-           "muon": "benchmarks.muon", "gpu": "benchmarks.gpu"}
+           "muon": "benchmarks.muon", "gpu": "benchmarks.gpu", "vs_transformers": "benchmarks.vs_transformers",
+           "memory_plan": "benchmarks.memory_plan"}
 
 # Constants a GPU run or --quick sets unless the user gave them on the command line.
 GPU_DEFAULTS = {"model": "125m", "seq_len": 1024}
@@ -420,21 +421,34 @@ def optimizer_state_bytes(opt) -> int:
 
 def cpu_peak_bytes(step: Callable[[], object], model: nn.Module, opt) -> int:
     """Peak bytes of CPU tensors during one step: what lives before it (weights, optimizer state; the grads were
-    freed by zero_grad) plus the highest point of the allocations and frees the profiler records in the step.
-    CPU PyTorch has no max_memory_allocated, and the process's peak RSS would count the allocator's cache and
-    the earlier rows too."""
+    freed by zero_grad) plus the highest point of the step's own allocations."""
+    before = sum(p.nbytes for p in model.parameters()) + optimizer_state_bytes(opt)
+    return before + allocations(step)[0]
+
+
+def allocations(fn: Callable[[], object], device: torch.device = torch.device("cpu")) -> tuple[int, int]:
+    """(the highest point, the change at the end), in bytes, of the memory allocated while fn() runs: on CUDA
+    from torch.cuda's counters; on CPU the running sum of the allocations and frees the profiler records
+    (CPU PyTorch has no max_memory_allocated, and the process's peak RSS would count the allocator's cache and
+    everything measured before)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start, torch.cuda.memory_allocated(device) - start
     from torch.profiler import ProfilerActivity, profile
 
-    before = sum(p.nbytes for p in model.parameters()) + optimizer_state_bytes(opt)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
+        fn()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())
     live = peak = 0
     for e in events:
         live += e.nbytes()
         peak = max(peak, live)
-    return before + peak
+    return peak, live
 
 
 def measure(bench: Bench, setup: Setup, x: torch.Tensor, y: torch.Tensor) -> dict:

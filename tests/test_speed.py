@@ -100,3 +100,45 @@ def test_transformers_twin_has_our_weights_and_loss():
     theirs = speed.build_model(bench, speed.Setup(transformers=True))
     assert type(theirs.hf).__name__ == "LlamaForCausalLM"
     assert abs(ours(x, y).item() - theirs(x, y).item()) < 1e-5
+
+
+# -- memory planner vs measured, and best against best ---------------------------------------------------------
+
+@pytest.mark.parametrize("autocast, checkpointing", [(True, False), (False, False), (True, True)],
+                         ids=["bf16", "fp32", "bf16-checkpointing"])
+def test_memory_plan_is_within_15_percent_of_measured(autocast, checkpointing):
+    """modern_llm.estimate_training_memory, part by part and at the peak, against what a step allocates."""
+    from benchmarks import memory_plan
+
+    cfg = speed.ml.model_preset("tiny")
+    got = memory_plan.measure_training_memory(cfg, 4, 128, torch.device("cpu"), autocast, checkpointing)
+    plan = memory_plan.planned(cfg, 4, 128, autocast, checkpointing)
+    for part in memory_plan.PARTS:
+        assert 0.85 <= plan[part] / got[part] <= 1.15, f"{part}: planned {plan[part]:,}, measured {got[part]:,}"
+
+
+def test_memory_plan_report_prints_the_table(capsys):
+    assert speed.main(["memory_plan", "--models=tiny", "--batch_size=2", "--seq_len=32"]) == 0
+    out = capsys.readouterr().out
+    assert "| tiny | activations |" in out and "| tiny | peak |" in out
+
+
+@pytest.mark.slow
+def test_vs_transformers_report_runs_every_row(capsys):
+    assert speed.main(["vs_transformers", "--models=tiny", "--batch_size=2", "--seq_len=32", "--steps=1",
+                       "--warmup_steps=1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny |")]
+    assert len(rows) == 4
+    assert "x transformers default" in rows[2] and "x transformers best" in rows[3]
+    assert all(float(r.split("|")[3].replace(",", "")) > 0 for r in rows)  # tokens/s
+
+
+@pytest.mark.parametrize("report, flags, message", [
+    ("vs_transformers", ["--models=huge"], "unknown model size"),
+    ("vs_transformers", ["--steps=0"], "--steps must be at least 1"),
+    ("memory_plan", ["--dtype=float16"], "choose bfloat16"),
+    ("memory_plan", ["--models=tiny", "--seq_len=4096"], "exceeds the tiny model's context"),
+])
+def test_report_bad_flags_are_user_errors(report, flags, message):
+    with pytest.raises(UserError, match=message):
+        speed.main([report, *flags])
