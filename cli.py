@@ -18,9 +18,11 @@ import math
 import os
 import platform
 import re
+import signal
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -350,3 +352,22 @@ def peak_flops(device: torch.device, precision: str, n: int = 1024) -> tuple[flo
         return measured_matmul_flops(device, dtype, n), f"measured {n}x{n} matmul"
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@contextmanager
+def stop_requests():
+    """Ctrl-C and SIGTERM ask the loop to stop at the next step boundary, where it saves a checkpoint; a second
+    Ctrl-C interrupts at once. Yields the list the signal names are appended to."""
+    requested: list[str] = []
+
+    def handler(signum, frame):
+        if requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        requested.append(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

@@ -18,9 +18,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import signal
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,8 @@ import torch
 
 import prepare_data
 from checkpoint import (CHECKPOINT_PREFIX, list_checkpoints, load_state_dict, load_weights, read_config)
-from cli import UserError, check_output_path, parse_flags, peak_flops, pick_device, pick_dtype, run_main, settings_block
+from cli import (UserError, check_output_path, parse_flags, peak_flops, pick_device, pick_dtype, run_main,
+                 settings_block, stop_requests)
 from distributed import (World, any_process, from_rank0, gradient_sync, mean_over_processes, rank0_first, replicate,
                          run_torchrun, shard, start_processes)
 from modern_llm import LLM, count_params, estimate_training_memory, flops_per_token, model_preset
@@ -370,29 +369,6 @@ def sample(model: LLM, tokenizer, start_id: int, tokens: int, autocast, device, 
                              generator=g)
     model.train()
     return tokenizer.decode(out[0, 1:].tolist(), skip_special_tokens=True)
-
-
-# -----------------------------------------------------------------------------
-# Stopping on a signal
-
-
-@contextmanager
-def stop_requests():
-    """Ctrl-C and SIGTERM ask the loop to stop at the next step boundary, where it saves a checkpoint; a second
-    Ctrl-C interrupts at once. Yields the list the signal names are appended to."""
-    requested: list[str] = []
-
-    def handler(signum, frame):
-        if requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        requested.append(signal.Signals(signum).name)
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield requested
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 # -----------------------------------------------------------------------------
