@@ -70,10 +70,9 @@ def test_newton_schulz_needs_its_steps_to_reach_the_band():
 
 
 def newton_schulz_float64(g: torch.Tensor, steps: int) -> torch.Tensor:
-    """The quintic iteration written out on a float64 matrix (no transposes needed: it is wide here)."""
-    a, b, c = mo.NS_COEFFICIENTS
-    x = g.double() / g.double().norm()
-    for _ in range(steps):
+    """The default (Polar Express) iteration written out on a float64 matrix (no transposes: it is wide here)."""
+    x = g.double() / (g.double().norm() * 1.01)
+    for a, b, c in mo.NS_COEFFICIENTS["polar_express"][:steps]:
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x
@@ -99,10 +98,11 @@ def test_two_muon_steps_equal_the_formula_in_float64(scaling):
         buf = mu * buf + (1 - mu) * g
         nesterov = (1 - mu) * g + mu * buf
         update = -lr * scale * newton_schulz_float64(nesterov.T, 5).T
-        # Weight decay and the update's direction are exact; the iteration runs in bf16 (8-bit mantissa), so
-        # agreement to ~2% of the update is what it can give.
+        # Weight decay and the update's direction are exact; the iteration runs in bf16 (8-bit mantissa), and
+        # Polar Express's first quintic has coefficients up to 22 that amplify its rounding, so agreement to
+        # ~3.5% of the update is what it can give (Keller Jordan's quintic gives ~2%).
         error = (w.detach().double() - before * (1 - lr * wd) - update).norm() / update.norm()
-        assert error < 0.03, error
+        assert error < 0.05, error
         torch.testing.assert_close(opt.state[w]["momentum_buffer"].double(), buf, rtol=1e-6, atol=1e-6)
 
 
@@ -113,8 +113,8 @@ def test_single_device_muon_is_bit_identical_to_torch_optim_muon(scaling):
     shapes = [(32, 48), (48, 32), (40, 40)]
     ours = [torch.randn(s, requires_grad=True) for s in shapes]
     theirs = [p.detach().clone().requires_grad_() for p in ours]
-    a = mo.Muon(ours, lr=0.02, weight_decay=0.1, scaling=scaling)
-    b = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, adjust_lr_fn=scaling)
+    a = mo.Muon(ours, lr=0.02, weight_decay=0.1, scaling=scaling, ns_coefficients="keller_jordan")
+    b = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, adjust_lr_fn=scaling)  # Keller Jordan's quintic
     for _ in range(3):
         for p, q in zip(ours, theirs):
             p.grad = torch.randn(p.shape)
