@@ -299,13 +299,16 @@ def test_report_compares_the_best_runs_and_draws_them(tmp_path):
     def run(name, lr, losses, ms):
         curve = list(zip(range(0, 10 * len(losses), 10), losses))
         return {"optimizer": name, "lr": lr, "curve": curve, "final": losses[-1], "ms_per_step": ms,
-                "optimizer_ms": ms / 4}
+                "optimizer_ms": ms / 4, "cpu_ms_per_step": 2 * ms}
     runs = [run("adamw", 1e-3, [9, 7, 6.0], 100), run("adamw", 3e-3, [9, 6.5, 5.5], 100),
             run("muon", 1e-3, [9, 6.0, 5.0], 150), run("muon", 3e-3, [9, 8, 7.0], 150)]
     text = muon_bench.report(runs, tmp_path)
     assert "target = AdamW's final val loss 5.5000" in text
-    assert "0.75x the steps (1.33x token efficiency)" in text  # muon reaches 5.5 at step 15 of 20
-    assert "1.50x AdamW's" in text
+    assert "0.75x the steps" in text  # muon reaches 5.5 at step 15 of 20
+    assert "1.50x AdamW's wall-clock" in text
+    assert "needs 1.12x the wall-clock" in text  # 0.75 x 1.5: fewer steps, each dearer
+    best_muon = [line.split() for line in text.splitlines() if line.startswith("muon")][-1]
+    assert best_muon[3:] == ["15", "2.2", "4.5"]  # steps, then 15 x 150 ms wall-clock and 15 x 300 ms CPU
     assert (tmp_path / "muon_vs_adamw.png").stat().st_size > 10_000
 
 
