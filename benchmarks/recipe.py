@@ -9,7 +9,9 @@ setup() and one_step(); a table of validation bits per byte against the training
 A budget is CPU seconds of training (time.process_time of this process: all its threads), not wall-clock: on a
 shared machine the wall-clock of a run depends on what else runs, its CPU time much less. As in a
 --max_minutes run, the schedule's length is fixed from the step cost measured over the first steps, so the
-learning rate reaches MIN_LR as the budget runs out. THREADS=1 keeps CPU time honest on a busy machine (idle
+learning rate reaches MIN_LR as the budget runs out. A trial is a shortened default run, so its warm-up is
+shortened alike (WARMUP_SCALE): else the short trials would spend most of their steps warming up.
+THREADS=1 keeps CPU time honest on a busy machine (idle
 threads spinning at a barrier count as CPU time too); an idle 2-core machine trains ~1.5x faster in wall-clock.
 Trials run interleaved (every trial at the first budget, then at the next), so a change in the machine's load
 hits all of them alike. Keep a change only if it wins at two budgets.
@@ -40,6 +42,7 @@ TRIALS = [
     "muon optimizer=muon",
     "muon-pe-normuon optimizer=muon ns_coefficients=polar_express normuon=true",
 ]
+WARMUP_SCALE = 0.2  # each trial's warm-up is its WARMUP_STEPS times this (a trial is ~1/5 of a default run's steps)
 THREADS = 1  # torch threads per trial (see the docstring)
 MEASURE_STEPS = 5  # steps whose CPU time sets the schedule's length (after 2 untimed ones)
 DATA_ROOT = "/tmp/recipe/data"  # token shards, one folder per vocabulary size (tokenized once)
@@ -67,20 +70,22 @@ def parse_trial(text: str) -> tuple[str, list[str], dict]:
     return name, flags, extra
 
 
-def trial_settings(flags: list[str], seed: int, out_dir: Path, data_root: str) -> tuple[dict, set[str]]:
+def trial_settings(flags: list[str], seed: int, out_dir: Path, data_root: str,
+                   warmup_scale: float) -> tuple[dict, set[str]]:
     """The training script's settings for one trial: its defaults, its cpu preset, then the trial's flags."""
     argv = [f"--seed={seed}", f"--out_dir={out_dir}", f"--data_root={data_root}", "--preset=cpu", *flags]
     cfg, typed = parse_flags(training._FLAG_DEFAULTS, argv, training.__file__)
     training.apply_preset(cfg, typed, "cpu")
     cfg["max_steps"], cfg["max_minutes"] = 0, 1.0  # the length comes from the CPU budget below
     training.validate(cfg)
+    cfg["warmup_steps"] = max(1, round(cfg["warmup_steps"] * warmup_scale))
     return cfg, typed
 
 
 def run_trial(name: str, flags: list[str], extra: dict, budget: float, cfg_all: dict) -> dict:
     """One trial: setup() as the training script does it, then steps until the CPU budget is spent."""
     out = Path(cfg_all["out_dir"]) / "runs" / name
-    cfg, typed = trial_settings(flags, cfg_all["seed"], out, cfg_all["data_root"])
+    cfg, typed = trial_settings(flags, cfg_all["seed"], out, cfg_all["data_root"], cfg_all["warmup_scale"])
     device = pick_device("cpu")
     dtype = pick_dtype(cfg["dtype"], device)
     run = training.setup(cfg, set(typed), typed, None, {}, device, World(), "cpu", dtype)
@@ -106,14 +111,16 @@ def run_trial(name: str, flags: list[str], extra: dict, budget: float, cfg_all: 
     ev = training.evaluate(run.model, run.val_data, cfg["eval_steps"], run.autocast, device, run.bytes_per_token)
     return {"trial": name, "budget_cpu_s": budget, "steps": step, "tokens": step * run.tokens_per_step,
             "val_bpb": ev["val_bpb"], "val_loss": ev["val_loss"], "cpu_s": cpu, "wall_s": wall,
+            "warmup_steps": cfg["warmup_steps"],
             "settings": " ".join([*flags, *(f"{k}={v}" for k, v in extra.items())]) or "(cpu preset)"}
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'trial':<18} {'budget':>7} {'steps':>6} {'bits/byte':>10} {'cpu s':>7} {'wall s':>7}  settings"]
+    lines = [f"{'trial':<18} {'budget':>7} {'steps':>6} {'warm-up':>8} {'bits/byte':>10} {'cpu s':>7} {'wall s':>7}  "
+             "settings"]
     for r in sorted(rows, key=lambda r: (r["budget_cpu_s"], r["val_bpb"])):
-        lines.append(f"{r['trial']:<18} {r['budget_cpu_s']:>7g} {r['steps']:>6} {r['val_bpb']:>10.4f} "
-                     f"{r['cpu_s']:>7.0f} {r['wall_s']:>7.0f}  {r['settings']}")
+        lines.append(f"{r['trial']:<18} {r['budget_cpu_s']:>7g} {r['steps']:>6} {r['warmup_steps']:>8} "
+                     f"{r['val_bpb']:>10.4f} {r['cpu_s']:>7.0f} {r['wall_s']:>7.0f}  {r['settings']}")
     return "\n".join(lines)
 
 
@@ -125,7 +132,7 @@ def main(argv: list[str]) -> int:
         raise UserError("give at least one --trials and one --budgets, each budget > 0 CPU seconds",
                         "Training recipe")
     for _, flags, _ in trials:  # every trial's settings checked before the first one trains
-        trial_settings(flags, cfg["seed"], Path(cfg["out_dir"]), cfg["data_root"])
+        trial_settings(flags, cfg["seed"], Path(cfg["out_dir"]), cfg["data_root"], cfg["warmup_scale"])
     torch.set_num_threads(cfg["threads"])
     rows = []
     for budget in budgets:
