@@ -87,25 +87,32 @@ _FLAG_DEFAULTS = settings_block(globals())  # the settings above are the flags; 
 # -----------------------------------------------------------------------------
 # Hardware presets: the settings each fills in (explicit flags win), and the memory it is sized for (GiB).
 # The training memory each needs is predicted with modern_llm.estimate_training_memory before anything runs.
+GPU_RECIPE = dict(optimizer="muon", schedule="wsd", decay_fraction=0.4)  # the anchors' (see the GPU presets)
 HARDWARE = {
     # compile off: on a 2-core CPU it gains ~9% but costs ~30 s cold, a wash in a 6-minute run
     "cpu": dict(memory_gib=None, model="small", batch_size=8, grad_accum=1, seq_len=256, lr=2e-3, min_lr=2e-4,
                 warmup_steps=30, max_steps=0, max_minutes=6.0, compile=False, eval_interval=100, eval_steps=10,
                 checkpoint_interval=100, log_interval=100),
+    # GPU presets: NOT measured here (no GPU run has confirmed them). Optimizer and schedule follow the anchors'
+    # measured recipes at 124M-560M parameters: modded-nanogpt's records and nanochat's base_train train every
+    # hidden matrix with Muon (**GPU_RECIPE), and hold the peak lr, then decay linearly to the end over the last
+    # 40% (modded-nanogpt's cooldown_frac=0.4; nanochat's warmdown_ratio is 0.2-0.5). Their batches (~0.5M
+    # tokens on 8 H100s) do not fit one card, so batch and lr stay sized to each card's memory.
     "rtx3060": dict(memory_gib=8, model="125m", vocab_size=32000, batch_size=4, grad_accum=8, seq_len=1024, lr=6e-4,
-                    min_lr=6e-5),
+                    min_lr=6e-5, **GPU_RECIPE),
     # the reference: 730m at seq 384, micro-batch 5 x 8; predicted 13 GiB, so activation checkpointing goes on
     "rtx4070ti": dict(memory_gib=12, model="730m", vocab_size=32000, batch_size=5, grad_accum=8, seq_len=384,
-                      lr=3e-4, min_lr=3e-5),
+                      lr=3e-4, min_lr=3e-5, **GPU_RECIPE),
     "rtx4090": dict(memory_gib=24, model="730m", vocab_size=32000, batch_size=16, grad_accum=4, seq_len=384,
-                    lr=3e-4, min_lr=3e-5),
+                    lr=3e-4, min_lr=3e-5, **GPU_RECIPE),
     "h100": dict(memory_gib=80, model="1.5b", vocab_size=32000, batch_size=4, grad_accum=8, seq_len=2048, lr=3e-4,
-                 min_lr=3e-5),
+                 min_lr=3e-5, **GPU_RECIPE),
 }
 # --init_from: defaults for starting from trained weights (flags win; they go before the hardware preset's): a
 # learning rate ~10x below pretraining's, so the updates refine what the model knows instead of overwriting it,
-# and a short warm-up, since the weights are already in a good region.
-FINETUNE = dict(lr=5e-5, min_lr=5e-6, warmup_steps=20)
+# and a short warm-up, since the weights are already in a good region. AdamW, whatever the preset: Muon on
+# weights pretrained with AdamW fine-tunes no better than AdamW (Moonshot, "Muon is Scalable for LLM Training").
+FINETUNE = dict(lr=5e-5, min_lr=5e-6, warmup_steps=20, optimizer="adamw")
 # settings a resumed run does not take from the saved run (checkpoints are the same for any parallelism)
 NOT_INHERITED = ("resume", "out_dir", "stop_after", "parallel")
 

@@ -3,8 +3,10 @@ Muon for the hidden weight matrices of a transformer, AdamW for everything else.
 
 Muon (Keller Jordan, 2024) keeps a Nesterov momentum of each matrix's gradient and, instead of stepping along it,
 steps along its orthogonalised version: the same singular vectors with every singular value pushed to ~1, so
-rare directions of the update move as far as common ones. A quintic Newton-Schulz iteration computes that in
-bf16 with five matrix products. Public results (the modded-nanoGPT speedrun, Moonshot's "Muon is Scalable for
+rare directions of the update move as far as common ones. Five steps of a quintic Newton-Schulz iteration
+compute that in bf16 (by default with the Polar Express coefficients, one quintic per step), batched over the
+matrices of one shape. NorMuon (per-neuron normalisation of that update) and cautious weight decay are
+options. Public results (the modded-nanoGPT speedrun, Moonshot's "Muon is Scalable for
 LLM Training") report about 1.35x-2x better token efficiency than AdamW at small scale.
 
 Muon is for 2-D hidden matrices only. Embeddings (the tied output head too), norms and any vectors go to AdamW:
