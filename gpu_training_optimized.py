@@ -93,7 +93,7 @@ HARDWARE = {
     # optimizer muon (Polar Express Newton-Schulz, batched per shape): `python speed_optimizations_2025.py recipe`
     # on the 2-core EPYC, shared (load 10-17), 1 thread, equal CPU time, warm-up scaled to the trial: bits/byte
     # 2.623 vs AdamW's 2.635 at 45 CPU s, 2.480 vs 2.592 at 100 CPU s (39 vs 52 steps). lr 4e-3 lost (2.717 at
-    # 45 CPU s), vocab 4096 lost (2.903 vs 2.652 at 45 CPU s); the other values are unchanged, not re-tuned.
+    # 45 CPU s), vocab 4096 lost (2.903 vs 2.652 at 45 CPU s, 30-step warm-up); the rest is unchanged, not re-tuned.
     "cpu": dict(memory_gib=None, model="small", batch_size=8, grad_accum=1, seq_len=256, lr=2e-3, min_lr=2e-4,
                 warmup_steps=30, optimizer="muon", max_steps=0, max_minutes=6.0, compile=False, eval_interval=100,
                 eval_steps=10, checkpoint_interval=100, log_interval=100),
