@@ -5,7 +5,7 @@ all together against an eager fp32 baseline, side by side in one run, so the fig
     python speed_optimizations_2025.py                 # `small` model on CPU (~5 min), 125m on a GPU
     python speed_optimizations_2025.py --quick         # tiny model, about a minute: does every row run here?
     python speed_optimizations_2025.py --rows=baseline --rows=transformers   # only some rows
-    python speed_optimizations_2025.py vs_transformers   # a report: vs_transformers, memory_plan, decode, muon, ...
+    python speed_optimizations_2025.py vs_transformers   # a report: vs_transformers, memory_plan, decode, muon, recipe, ...
 
 A row is a training step (forward, backward, optimizer): warm-up steps, then the median of timed steps. The table
 (tokens/s, speed-up over the baseline, forward+backward and optimizer time, peak memory, MFU) is printed and
@@ -61,7 +61,7 @@ _FLAG_DEFAULTS = settings_block(globals())  # the settings above are the flags
 # The other reports: `python speed_optimizations_2025.py NAME [flags]` runs benchmarks/<module>.py's main.
 REPORTS = {"decode": "benchmarks.decode", "serving": "benchmarks.serving", "tokenization": "benchmarks.tokenization",
            "muon": "benchmarks.muon", "gpu": "benchmarks.gpu", "vs_transformers": "benchmarks.vs_transformers",
-           "memory_plan": "benchmarks.memory_plan"}
+           "memory_plan": "benchmarks.memory_plan", "recipe": "benchmarks.recipe"}
 
 # Constants a GPU run or --quick sets unless the user gave them on the command line.
 GPU_DEFAULTS = {"model": "125m", "seq_len": 1024}

@@ -37,8 +37,10 @@ def data_root(tmp_path_factory):
 
 
 def flags(data_root, out, *extra) -> list[str]:
-    """6 steps of the tiny model in fp32, 2 micro-batches a step (so DDP's no_sync is used); later flags win."""
+    """6 steps of the tiny model in fp32, 2 micro-batches a step (so DDP's no_sync is used), AdamW (whose moments
+    the FSDP test compares; the cpu preset's is Muon); later flags win."""
     return [f"--dataset={data_root / 'corpus.txt'}", f"--data_root={data_root}", "--vocab_size=300", "--model=tiny",
+            "--optimizer=adamw",
             f"--out_dir={out}", "--seq_len=32", "--grad_accum=2", "--dtype=float32", "--compile=false",
             "--max_minutes=0", f"--max_steps={STEPS}", "--warmup_steps=2", "--lr=3e-3", "--eval_steps=2",
             "--eval_interval=1000", "--checkpoint_interval=3", "--log_interval=1000", *extra]

@@ -65,15 +65,72 @@ def test_newton_schulz_needs_its_steps_to_reach_the_band():
     assert one.min() < 0.5 < five.min()  # one step from a Frobenius-normalised start leaves small ones small
 
 
+def test_a_stack_is_orthogonalised_as_each_matrix_alone():
+    torch.manual_seed(4)
+    mats = [torch.randn(24, 40) for _ in range(3)]
+    for coefficients in mo.NS_COEFFICIENTS:
+        stacked = mo.newton_schulz(torch.stack(mats), coefficients=coefficients)
+        for i, m in enumerate(mats):
+            assert torch.equal(stacked[i], mo.newton_schulz(m, coefficients=coefficients))
+        tall = mo.newton_schulz(torch.stack([m.T for m in mats]), coefficients=coefficients)
+        assert torch.equal(tall, stacked.mT)  # a stack of tall matrices is done as its wide transposes
+
+
+def test_muon_groups_tall_and_wide_matrices_of_one_shape_into_one_batch():
+    shapes = [torch.Size(s) for s in [(8, 4), (4, 8), (4, 4), (8, 4), (4, 4)]]
+    assert mo.same_shape_chunks(shapes, world=1) == [[0, 1, 3], [2, 4]]
+    assert mo.same_shape_chunks(shapes, world=2) == [[0, 1], [3], [2, 4]]
+
+
+def test_polar_express_lands_nearer_the_polar_factor_than_the_repeated_quintic():
+    torch.manual_seed(5)
+    g = with_spectrum(96, 256, torch.logspace(-2, 0, 96))  # singular values spread over 100x
+    low, error = {}, {}
+    for coefficients in ("keller_jordan", "polar_express"):
+        s = torch.linalg.svdvals(mo.newton_schulz(g, steps=5, coefficients=coefficients).double())
+        low[coefficients], error[coefficients] = s.min().item(), (s - 1).abs().mean().item()
+    # In the same 5 steps (measured: min 0.68 vs 0.86, mean distance to 1 0.17 vs 0.08): Polar Express's
+    # per-step quintics lift the small singular values further and end about twice as near U V^T.
+    assert low["keller_jordan"] < 0.75 < 0.8 < low["polar_express"], low
+    assert error["polar_express"] < 0.6 * error["keller_jordan"], error
+
+
+def test_normuon_evens_out_the_rows_and_keeps_the_size():
+    torch.manual_seed(6)
+    update = torch.randn(16, 8) * torch.linspace(0.1, 2.0, 16)[:, None]  # rows of very different size
+    second_moment = torch.zeros(16, 1)
+    out = mo.normalise_rows(update, second_moment, beta2=0.0)  # beta2 0: this update's statistics alone
+    row_rms = out.square().mean(dim=1).sqrt()
+    assert torch.allclose(row_rms, row_rms.mean().expand(16), rtol=1e-4)
+    assert out.norm().item() == pytest.approx(update.norm().item(), rel=1e-5)
+    torch.testing.assert_close(second_moment, update.square().mean(dim=1, keepdim=True))
+    wide = torch.zeros(1, 16)
+    assert mo.normalise_rows(update.T, wide, beta2=0.0).shape == (8, 16) and wide.min() > 0  # per column
+
+
+def test_cautious_weight_decay_only_decays_where_the_step_agrees():
+    torch.manual_seed(7)
+    w0 = torch.randn(6, 6)
+    steps = {}
+    for cautious in (False, True):
+        w = w0.clone().requires_grad_()
+        w.grad = torch.randn(6, 6, generator=torch.Generator().manual_seed(8))
+        mo.Muon([w], lr=0.1, weight_decay=0.5, cautious_weight_decay=cautious, nesterov=False, momentum=0.0).step()
+        steps[cautious] = w.detach()
+    decay = w0 * 0.1 * 0.5
+    # The two runs differ by exactly the decay of the entries where the update and the weight differ in sign.
+    mask = (steps[False] + decay - w0) * w0 < 0  # -lr * update and w of opposite signs <=> update * w >= 0
+    torch.testing.assert_close(steps[True] - steps[False], torch.where(mask, torch.zeros_like(w0), decay))
+
+
 # -----------------------------------------------------------------------------
 # The update formula
 
 
 def newton_schulz_float64(g: torch.Tensor, steps: int) -> torch.Tensor:
-    """The quintic iteration written out on a float64 matrix (no transposes needed: it is wide here)."""
-    a, b, c = mo.NS_COEFFICIENTS
-    x = g.double() / g.double().norm()
-    for _ in range(steps):
+    """The default (Polar Express) iteration written out on a float64 matrix (no transposes: it is wide here)."""
+    x = g.double() / (g.double().norm() * 1.01)
+    for a, b, c in mo.NS_COEFFICIENTS["polar_express"][:steps]:
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x
@@ -99,10 +156,11 @@ def test_two_muon_steps_equal_the_formula_in_float64(scaling):
         buf = mu * buf + (1 - mu) * g
         nesterov = (1 - mu) * g + mu * buf
         update = -lr * scale * newton_schulz_float64(nesterov.T, 5).T
-        # Weight decay and the update's direction are exact; the iteration runs in bf16 (8-bit mantissa), so
-        # agreement to ~2% of the update is what it can give.
+        # Weight decay and the update's direction are exact; the iteration runs in bf16 (8-bit mantissa), and
+        # Polar Express's first quintic has coefficients up to 22 that amplify its rounding, so agreement to
+        # ~3.5% of the update is what it can give (Keller Jordan's quintic gives ~2%).
         error = (w.detach().double() - before * (1 - lr * wd) - update).norm() / update.norm()
-        assert error < 0.03, error
+        assert error < 0.05, error
         torch.testing.assert_close(opt.state[w]["momentum_buffer"].double(), buf, rtol=1e-6, atol=1e-6)
 
 
@@ -113,8 +171,8 @@ def test_single_device_muon_is_bit_identical_to_torch_optim_muon(scaling):
     shapes = [(32, 48), (48, 32), (40, 40)]
     ours = [torch.randn(s, requires_grad=True) for s in shapes]
     theirs = [p.detach().clone().requires_grad_() for p in ours]
-    a = mo.Muon(ours, lr=0.02, weight_decay=0.1, scaling=scaling)
-    b = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, adjust_lr_fn=scaling)
+    a = mo.Muon(ours, lr=0.02, weight_decay=0.1, scaling=scaling, ns_coefficients="keller_jordan")
+    b = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, adjust_lr_fn=scaling)  # Keller Jordan's quintic
     for _ in range(3):
         for p, q in zip(ours, theirs):
             p.grad = torch.randn(p.shape)
@@ -299,13 +357,16 @@ def test_report_compares_the_best_runs_and_draws_them(tmp_path):
     def run(name, lr, losses, ms):
         curve = list(zip(range(0, 10 * len(losses), 10), losses))
         return {"optimizer": name, "lr": lr, "curve": curve, "final": losses[-1], "ms_per_step": ms,
-                "optimizer_ms": ms / 4}
+                "optimizer_ms": ms / 4, "cpu_ms_per_step": 2 * ms}
     runs = [run("adamw", 1e-3, [9, 7, 6.0], 100), run("adamw", 3e-3, [9, 6.5, 5.5], 100),
             run("muon", 1e-3, [9, 6.0, 5.0], 150), run("muon", 3e-3, [9, 8, 7.0], 150)]
     text = muon_bench.report(runs, tmp_path)
     assert "target = AdamW's final val loss 5.5000" in text
-    assert "0.75x the steps (1.33x token efficiency)" in text  # muon reaches 5.5 at step 15 of 20
-    assert "1.50x AdamW's" in text
+    assert "0.75x the steps" in text  # muon reaches 5.5 at step 15 of 20
+    assert "1.50x AdamW's wall-clock" in text
+    assert "needs 1.12x the wall-clock" in text  # 0.75 x 1.5: fewer steps, each dearer
+    best_muon = [line.split() for line in text.splitlines() if line.startswith("muon")][-1]
+    assert best_muon[3:] == ["15", "2.2", "4.5"]  # steps, then 15 x 150 ms wall-clock and 15 x 300 ms CPU
     assert (tmp_path / "muon_vs_adamw.png").stat().st_size > 10_000
 
 
