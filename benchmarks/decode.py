@@ -15,7 +15,8 @@ import torch
 
 from checkpoint import resolve_checkpoint
 from cli import parse_flags, pick_device, run_main, settings_block
-from text_generator import Engine, SamplingParams
+from engine import Engine
+from sampling import SamplingParams
 
 CHECKPOINT = "out"  # the checkpoint to measure (a run's OUT_DIR or a checkpoint directory)
 DEVICE = "auto"  # auto, cpu, cuda, cuda:1, mps

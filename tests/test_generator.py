@@ -1,4 +1,4 @@
-"""text_generator.py: the engine against transformers and against itself, the samplers against their
+"""text_generator.py, engine.py and sampling.py: the engine against transformers and against itself, the samplers against their
 definitions, streaming text, int8, the command line and the interactive prompt."""
 
 import json
@@ -15,8 +15,10 @@ import checkpoint
 import cli
 import text_generator as tg
 from conftest import ROOT, make_checkpoint
+from engine import Engine, TextStream
+from sampling import SamplingParams, apply_penalties, min_p_filter, top_k_top_p
 
-GREEDY = tg.SamplingParams(max_new_tokens=16, temperature=0)
+GREEDY = SamplingParams(max_new_tokens=16, temperature=0)
 TEXTS = ["The quick brown fox", "def add(a, b):\n    return", "To", "Héllo wörld, ünïcödé and emoji 🎉 and 日本語"]
 
 
@@ -50,7 +52,7 @@ def sharp_checkpoint(tmp_path_factory, tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def engine(sharp_checkpoint):
-    return tg.Engine(sharp_checkpoint, device="cpu")
+    return Engine(sharp_checkpoint, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -100,21 +102,21 @@ def test_batch_of_different_lengths_equals_each_alone(engine, prompts):
     assert [c.token_ids for c in together] == [c.token_ids for c in alone]
     assert [c.text for c in together] == [c.text for c in alone]
     # sampling with a seed per row: a row's sample does not depend on its neighbours either
-    sampled = [tg.SamplingParams(max_new_tokens=12, temperature=1.0, seed=i) for i in range(4)]
+    sampled = [SamplingParams(max_new_tokens=12, temperature=1.0, seed=i) for i in range(4)]
     together = engine.generate(batch, sampled)
     alone = [engine.generate([p], [s])[0] for p, s in zip(batch, sampled)]
     assert [c.token_ids for c in together] == [c.token_ids for c in alone]
 
 
 def test_same_seed_same_text_and_per_row_stopping(engine, prompts):
-    params = tg.SamplingParams(max_new_tokens=20, temperature=1.0, top_k=40, top_p=0.95, seed=7)
+    params = SamplingParams(max_new_tokens=20, temperature=1.0, top_k=40, top_p=0.95, seed=7)
     first = engine.generate(prompts[:1], [params])[0]
     assert engine.generate(prompts[:1], [params])[0] == first
-    others = {tuple(engine.generate(prompts[:1], [tg.SamplingParams(max_new_tokens=20, seed=s)])[0].token_ids)
+    others = {tuple(engine.generate(prompts[:1], [SamplingParams(max_new_tokens=20, seed=s)])[0].token_ids)
               for s in (1, 2, 3)}
     assert len(others) > 1
     # rows stop on their own: different max_new_tokens in one batch
-    short, long = (tg.SamplingParams(max_new_tokens=n, temperature=0) for n in (3, 9))
+    short, long = (SamplingParams(max_new_tokens=n, temperature=0) for n in (3, 9))
     a, b = engine.generate(prompts[:2], [short, long])
     assert (a.completion_tokens, a.finish_reason, b.completion_tokens, b.finish_reason) == (3, "length", 9, "length")
     assert a.prompt_tokens == len(prompts[0])
@@ -123,7 +125,7 @@ def test_same_seed_same_text_and_per_row_stopping(engine, prompts):
 def test_stream_events_stop_strings_and_end_tokens(engine, prompts):
     full = engine.generate(prompts[:1], [GREEDY])[0]
     stop = full.text[len(full.text) // 2:][:2]  # two characters from the middle of the answer
-    params = tg.SamplingParams(max_new_tokens=16, temperature=0, stop=[stop])
+    params = SamplingParams(max_new_tokens=16, temperature=0, stop=[stop])
     steps = list(engine.stream(prompts[:1], [params]))
     pieces = [s[0].text_delta for s in steps]
     assert steps[-1][0].finish_reason == "stop"
@@ -161,7 +163,7 @@ def test_bad_prompts(engine, prompt, message):
                                           ("presence_penalty", 3.0), ("stop", [""])])
 def test_bad_sampling_params(field, value):
     with pytest.raises(cli.UserError, match=field):
-        tg.SamplingParams(**{field: value}).validate()
+        SamplingParams(**{field: value}).validate()
 
 
 # -----------------------------------------------------------------------------
@@ -174,10 +176,10 @@ LOGITS = st.lists(st.floats(-10, 10), min_size=8, max_size=40).map(lambda v: tor
 @given(LOGITS, st.integers(1, 10), st.floats(0.05, 1.0))
 def test_top_k_and_top_p_keep_what_their_definitions_say(logits, k, p):
     logits = logits + torch.arange(logits.size(1)) * 1e-4  # no exact ties, so "the k best" is one set
-    kept = torch.isfinite(tg.top_k_top_p(logits, torch.tensor([[k]]), torch.tensor([[1.0]])))[0]
+    kept = torch.isfinite(top_k_top_p(logits, torch.tensor([[k]]), torch.tensor([[1.0]])))[0]
     assert set(kept.nonzero().flatten().tolist()) == set(logits[0].topk(min(k, logits.size(1))).indices.tolist())
     probs = logits.softmax(-1)[0]
-    kept = torch.isfinite(tg.top_k_top_p(logits, torch.tensor([[logits.size(1)]]), torch.tensor([[p]])))[0]
+    kept = torch.isfinite(top_k_top_p(logits, torch.tensor([[logits.size(1)]]), torch.tensor([[p]])))[0]
     mass = probs[kept].sum()
     assert mass >= p - 1e-6  # the kept set reaches p ...
     assert mass - probs[kept].min() < p + 1e-6  # ... and is the smallest such set: without its weakest it does not
@@ -195,8 +197,8 @@ def test_processors_match_transformers(logits, temperature, k, p, min_p, rep):
     seen_ids = torch.tensor([[0, 3, 5]])
     seen = torch.zeros(1, V, dtype=torch.bool)
     seen[0, seen_ids[0]] = True
-    ours = tg.apply_penalties(logits, seen, None, torch.tensor([[rep]]), None, None) / temperature
-    ours = tg.min_p_filter(tg.top_k_top_p(ours, torch.tensor([[k or V]]), torch.tensor([[p]])), torch.tensor([[min_p]]))
+    ours = apply_penalties(logits, seen, None, torch.tensor([[rep]]), None, None) / temperature
+    ours = min_p_filter(top_k_top_p(ours, torch.tensor([[k or V]]), torch.tensor([[p]])), torch.tensor([[min_p]]))
     theirs = RepetitionPenaltyLogitsProcessor(rep)(seen_ids, logits.clone())
     theirs = TemperatureLogitsWarper(temperature)(seen_ids, theirs)
     if k:
@@ -214,9 +216,9 @@ def test_processors_match_transformers(logits, temperature, k, p, min_p, rep):
 def test_sampling_stays_inside_top_k_and_min_p(engine, prompts):
     """End to end: every sampled token was among the k best (resp. above min_p x best) of the full model's
     logits at that point."""
-    for params, allowed in ((tg.SamplingParams(max_new_tokens=12, temperature=2.0, top_k=3, seed=1),
+    for params, allowed in ((SamplingParams(max_new_tokens=12, temperature=2.0, top_k=3, seed=1),
                              lambda lg: lg.topk(3).indices.tolist()),
-                            (tg.SamplingParams(max_new_tokens=12, temperature=1.0, min_p=0.2, seed=2),
+                            (SamplingParams(max_new_tokens=12, temperature=1.0, min_p=0.2, seed=2),
                              lambda lg: (lg.softmax(-1) >= 0.2 * lg.softmax(-1).max()).nonzero().flatten().tolist())):
         seq = list(prompts[0])
         for token in engine.generate([prompts[0]], [params])[0].token_ids:
@@ -234,7 +236,7 @@ def test_sampling_stays_inside_top_k_and_min_p(engine, prompts):
 @given(st.lists(st.integers(0, 399), min_size=1, max_size=30))
 def test_text_stream_pieces_join_to_the_decoded_text(tiny_tokenizer, ids):
     ids = [i for i in ids if i not in tiny_tokenizer.all_special_ids] or [100]
-    stream = tg.TextStream(tiny_tokenizer, [])
+    stream = TextStream(tiny_tokenizer, [])
     pieces = [stream.push(i) for i in ids] + [stream.flush()]
     assert "".join(pieces) == tiny_tokenizer.decode(ids)
 
@@ -243,7 +245,7 @@ def test_text_stream_never_splits_a_character(tiny_tokenizer):
     text = "日本語 🎉 ünïcödé"
     ids = tiny_tokenizer.encode(text, add_special_tokens=False)
     assert len(ids) > len(text.split())  # characters really span several tokens
-    stream = tg.TextStream(tiny_tokenizer, tiny_tokenizer.encode("Say: ", add_special_tokens=False))
+    stream = TextStream(tiny_tokenizer, tiny_tokenizer.encode("Say: ", add_special_tokens=False))
     pieces = [stream.push(i) for i in ids]
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
 
@@ -263,7 +265,7 @@ def test_int8_close_to_fp32_and_its_checkpoint_round_trips(engine, tiny_checkpoi
         assert (checkpoint.quantize_int8(model)(seq) - ref).abs().max() <= 0.01 * ref.abs().max()
     # greedy choices: the sharp model (x10 weights amplifies any error) along its own fp32 greedy text
     model = checkpoint.load_model(sharp_checkpoint)
-    seq = torch.tensor([prompts[0] + engine.generate(prompts[:1], [tg.SamplingParams(64, temperature=0)])[0].token_ids])
+    seq = torch.tensor([prompts[0] + engine.generate(prompts[:1], [SamplingParams(64, temperature=0)])[0].token_ids])
     with torch.no_grad():
         ref = model(seq)
         int8 = checkpoint.quantize_int8(model)
@@ -276,7 +278,7 @@ def test_int8_close_to_fp32_and_its_checkpoint_round_trips(engine, tiny_checkpoi
     with torch.no_grad():
         assert torch.equal(loaded(seq), out)
     fp32 = engine.generate(prompts, [GREEDY] * len(prompts))
-    q = tg.Engine(path, device="cpu").generate(prompts, [GREEDY] * len(prompts))
+    q = Engine(path, device="cpu").generate(prompts, [GREEDY] * len(prompts))
     agree = [sum(a == b for a, b in zip(x.token_ids, y.token_ids)) / len(x.token_ids) for x, y in zip(fp32, q)]
     assert sum(agree) / len(agree) >= 0.5  # free-running: one different token changes everything after it
     assert all(c.token_ids == full_recompute_greedy(loaded, p, 16, engine.end_tokens) for p, c in zip(prompts, q))
@@ -292,7 +294,7 @@ def test_unknown_quantization_is_refused(sharp_checkpoint, tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="gptq"):
         checkpoint.load_model(tmp_path / "c")
     with pytest.raises(cli.UserError, match="int4"):
-        tg.Engine(sharp_checkpoint, device="cpu", quantize="int4")
+        Engine(sharp_checkpoint, device="cpu", quantize="int4")
 
 
 # -----------------------------------------------------------------------------
@@ -364,8 +366,8 @@ def test_interactive_session_through_a_terminal(sharp_checkpoint):
 
 @pytest.mark.slow
 def test_compiled_decode_step_same_tokens_no_recompile_per_token(sharp_checkpoint, engine, prompts):
-    compiled = tg.Engine(sharp_checkpoint, device="cpu", compile=True)
-    batch, params = [prompts[0], prompts[1]], [tg.SamplingParams(max_new_tokens=12, temperature=0)] * 2
+    compiled = Engine(sharp_checkpoint, device="cpu", compile=True)
+    batch, params = [prompts[0], prompts[1]], [SamplingParams(max_new_tokens=12, temperature=0)] * 2
     assert compiled.generate(batch, params) == engine.generate(batch, params)
     # other prompts, same batch size and cache bucket: the compiled step is reused, token after token
     with torch._dynamo.config.patch(error_on_recompile=True):
