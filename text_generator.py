@@ -5,11 +5,13 @@ Talk to a checkpoint: an interactive prompt, and one-shot generation for scripts
     python text_generator.py                                   # newest checkpoint under out/, interactive
     python text_generator.py --checkpoint=out/checkpoint-2000 --quantize=int8
     python text_generator.py --prompt="Once upon a time" --prompt="The king" --temperature=0
+    python text_generator.py --prompt="Once upon a time" --temperature=0 --draft=out_tiny   # speculative
     python text_generator.py --benchmark                       # decode tokens/s vs transformers' generate
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 from cli import UserError, parse_flags, run_main, settings_block
 from engine import Engine, chat_prompt_ids
 from sampling import SamplingParams
+from speculative import DraftStats, check_draft, speculative_stream
 
 CHECKPOINT = "out"  # a checkpoint directory, or a training run's OUT_DIR (its newest checkpoint)
 PROMPT: list = []  # one-shot mode: continue this text and exit (repeatable)
@@ -35,6 +38,8 @@ QUANTIZE = ""  # "int8": weight-only int8, one scale per output channel (faster 
 COMPILE = False  # torch.compile the decode step (slow first answer, faster after)
 DEVICE = "auto"  # auto, cpu, cuda, cuda:1, mps
 DTYPE = "auto"  # auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16
+DRAFT = ""  # a small checkpoint with the same tokenizer: speculative decoding (one-shot mode, greedy only)
+DRAFT_TOKENS = 4  # tokens the draft guesses per round of speculative decoding
 BENCHMARK = False  # measure decode tokens/s against transformers' generate and print a table
 _FLAG_DEFAULTS = settings_block(globals())  # the settings above are the flags
 
@@ -200,6 +205,23 @@ def one_shot(engine: Engine, prompts: list[str], params: SamplingParams) -> None
         print(f"--- {i + 1}: {prompt}\n{c.text}")
 
 
+def one_shot_speculative(target: Engine, draft: Engine, prompts: list[str], params: SamplingParams,
+                         draft_tokens: int) -> None:
+    """Each prompt alone, its continuation streamed; how well the draft guessed goes to stderr."""
+    ids = [target.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    for x in ids:
+        target.check_prompt(x)
+    for i, (prompt, x) in enumerate(zip(prompts, ids)):
+        if len(prompts) > 1:
+            print(f"--- {i + 1}: {prompt}")
+        stats = DraftStats()
+        for ev in speculative_stream(target, draft, x, params, draft_tokens, stats):
+            print(ev.text_delta, end="", flush=True)
+        print()
+        print(f"[draft: {stats.accepted} of {stats.proposed} guesses kept ({stats.acceptance:.0%}), "
+              f"{stats.target_passes} target passes]", file=sys.stderr)
+
+
 def main(argv: list[str]) -> int:
     cfg, given = parse_flags(_FLAG_DEFAULTS, argv, __file__, usage=__doc__)
     if cfg["batch_size"] < 1:
@@ -209,6 +231,9 @@ def main(argv: list[str]) -> int:
                             stop=cfg["stop"], seed=None if cfg["seed"] < 0 else cfg["seed"])
     params.validate()
     prompts = read_prompts(cfg)
+    if cfg["draft"] and (not prompts or cfg["temperature"] != 0 or cfg["draft_tokens"] < 1):
+        raise UserError("--draft (speculative decoding) needs --prompt or --prompts_file, --temperature=0 and "
+                        "--draft_tokens >= 1", "Speculative decoding")
     if "checkpoint" not in given and not Path(cfg["checkpoint"]).exists():
         raise UserError(f"no checkpoint found: {cfg['checkpoint']}/ does not exist. Train one "
                         "(python gpu_training_optimized.py) or pass --checkpoint=DIR", "Generation errors")
@@ -217,7 +242,11 @@ def main(argv: list[str]) -> int:
         return benchmark(cfg["checkpoint"], cfg["device"])
     engine = Engine(cfg["checkpoint"], cfg["device"], cfg["dtype"], cfg["quantize"] or None, cfg["compile"],
                     max_batch_size=cfg["batch_size"])
-    if prompts:
+    if cfg["draft"]:
+        draft = Engine(cfg["draft"], cfg["device"], cfg["dtype"], cfg["quantize"] or None, cfg["compile"], 1)
+        check_draft(engine, draft)
+        one_shot_speculative(engine, draft, prompts, params, cfg["draft_tokens"])
+    elif prompts:
         one_shot(engine, prompts, params)
     else:
         Session(engine, params, cfg["chat"]).loop()

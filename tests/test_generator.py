@@ -17,6 +17,7 @@ import text_generator as tg
 from conftest import ROOT, make_checkpoint
 from engine import Engine, TextStream
 from sampling import SamplingParams, apply_penalties, min_p_filter, top_k_top_p
+from speculative import DraftStats, speculative_stream
 
 GREEDY = SamplingParams(max_new_tokens=16, temperature=0)
 TEXTS = ["The quick brown fox", "def add(a, b):\n    return", "To", "Héllo wörld, ünïcödé and emoji 🎉 and 日本語"]
@@ -319,6 +320,7 @@ def test_one_shot_prompts(sharp_checkpoint, tmp_path, capsys):
     (["--temperature=-1"], "temperature"),
     (["--prompt= "], "empty"),
     (["--quantize=int3"], "int3"),
+    (["--draft=x", "--temperature=0.7"], "temperature=0"),
 ])
 def test_cli_errors(sharp_checkpoint, flags, message):
     argv = ([] if any(f.startswith("--checkpoint") for f in flags) else [f"--checkpoint={sharp_checkpoint}"]) + flags
@@ -373,3 +375,41 @@ def test_compiled_decode_step_same_tokens_no_recompile_per_token(sharp_checkpoin
     with torch._dynamo.config.patch(error_on_recompile=True):
         again = compiled.generate([prompts[2], prompts[0]], params)
     assert again == engine.generate([prompts[2], prompts[0]], params)
+
+
+# -----------------------------------------------------------------------------
+# Speculative decoding
+
+
+@pytest.fixture(scope="module")
+def other_draft(tmp_path_factory, tiny_tokenizer):
+    """Another random tiny model with the same tokenizer: a draft that guesses wrong most of the time."""
+    return make_checkpoint(tmp_path_factory.mktemp("draft") / "ckpt", tiny_tokenizer, seed=1)
+
+
+@pytest.mark.parametrize("draft_tokens", [1, 3, 6])
+def test_speculative_equals_plain_greedy(engine, sharp_checkpoint, other_draft, prompts, draft_tokens):
+    """With a poor draft (most guesses rejected) and with the target as its own draft (every guess kept),
+    the tokens and the reason to stop are plain greedy's, up to the end of the context."""
+    same = Engine(sharp_checkpoint, device="cpu")
+    for draft in (Engine(other_draft, device="cpu"), same):
+        for prompt, n in ((prompts[0], 40), (prompts[1], 1), (prompts[3], engine.max_seq_len)):
+            params = SamplingParams(max_new_tokens=n, temperature=0)
+            plain = engine.generate([prompt], [params])[0]
+            stats = DraftStats()
+            events = list(speculative_stream(engine, draft, prompt, params, draft_tokens, stats))
+            assert [e.token_id for e in events] == plain.token_ids
+            assert "".join(e.text_delta for e in events) == plain.text
+            assert events[-1].finish_reason == plain.finish_reason
+            if draft is same and len(plain.token_ids) > draft_tokens + 1:
+                assert stats.acceptance == 1 and stats.target_passes < len(plain.token_ids)
+
+
+def test_speculative_command_line(sharp_checkpoint, other_draft, capsys):
+    argv = [f"--checkpoint={sharp_checkpoint}", "--prompt=The quick brown fox", "--max_new_tokens=12",
+            "--temperature=0"]
+    tg.main(argv)
+    plain = capsys.readouterr().out
+    tg.main(argv + [f"--draft={other_draft}", "--draft_tokens=3"])
+    out, err = capsys.readouterr()
+    assert out == plain and "guesses kept" in err

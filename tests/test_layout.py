@@ -20,6 +20,7 @@ LAYERS = [
     {"checkpoint", "corpora", "distributed", "monitor"},
     {"prepare_data", "training_state", "sampling"},
     {"engine"},
+    {"speculative"},
     {"gpu_training_optimized", "text_generator", "evaluate_model", "export_model", "serve_requests"},
     {"serve"},
     {"speed_optimizations_2025"} | {m for m in PROJECT if m.startswith("benchmarks.")},
