@@ -1,6 +1,7 @@
 """
 Decode speed: tokens/s of our engine (eager and compiled, fp32 and int8) against transformers' generate (its
-default dynamic cache, and a static cache with torch.compile), greedy, the same checkpoint and prompt for all.
+default dynamic cache, and a static cache with torch.compile), greedy, the same checkpoint and prompt for all;
+with --draft=DIR also speculative decoding at batch 1 (eager, the draft's guesses checked by the target).
 
     python text_generator.py --benchmark --checkpoint=DIR     # the same as:
     python speed_optimizations_2025.py decode --checkpoint=DIR
@@ -17,11 +18,14 @@ from checkpoint import resolve_checkpoint
 from cli import parse_flags, pick_device, run_main, settings_block
 from engine import Engine
 from sampling import SamplingParams
+from speculative import DraftStats, speculative_stream
 
 CHECKPOINT = "out"  # the checkpoint to measure (a run's OUT_DIR or a checkpoint directory)
 DEVICE = "auto"  # auto, cpu, cuda, cuda:1, mps
 NEW_TOKENS = 128  # tokens decoded per row (end tokens are ignored, so every row decodes them all)
 PROMPT = "The quick brown fox jumps over the lazy dog"  # the prompt of every row
+DRAFT = ""  # a draft checkpoint (same tokenizer): adds speculative decoding rows at batch 1
+DRAFT_TOKENS = 4  # guesses per round of speculative decoding
 _FLAG_DEFAULTS = settings_block(globals())  # the settings above are the flags
 
 def timed(fns: dict[str, Callable[[], object]], rounds: int = 3) -> dict[str, float]:
@@ -39,7 +43,7 @@ def timed(fns: dict[str, Callable[[], object]], rounds: int = 3) -> dict[str, fl
 
 
 def benchmark(checkpoint: str, device: str, batch_sizes: tuple[int, ...] = (1, 8), new_tokens: int = NEW_TOKENS,
-              prompt_text: str = PROMPT) -> int:
+              prompt_text: str = PROMPT, draft: str = "", draft_tokens: int = DRAFT_TOKENS) -> int:
     """Greedy, `new_tokens` new tokens per row (end tokens ignored, so every row decodes them all), the
     same checkpoint and prompt for every row: ours eager/compiled x fp32/int8, and transformers' generate
     with its default dynamic cache and with a static cache + torch.compile."""
@@ -66,6 +70,11 @@ def benchmark(checkpoint: str, device: str, batch_sizes: tuple[int, ...] = (1, 8
             engine.end_tokens = set()
             runs[f"ours {'compiled' if c else 'eager'} {q or 'fp32'}"] = \
                 lambda engine=engine: engine.generate([prompt] * batch, [params] * batch)
+        if draft and batch == 1:
+            target, draft_engine, stats = Engine(path, device, "float32"), Engine(draft, device, "float32"), DraftStats()
+            target.end_tokens = set()
+            runs[f"ours speculative eager fp32, {draft_tokens} guesses"] = \
+                lambda: list(speculative_stream(target, draft_engine, prompt, params, draft_tokens, stats))
         with torch.inference_mode():
             results = timed(runs)
         base = batch * new_tokens / results["transformers eager"]
@@ -77,12 +86,15 @@ def benchmark(checkpoint: str, device: str, batch_sizes: tuple[int, ...] = (1, 8
     print("| batch | generator | tokens/s | x transformers eager |\n| --- | --- | --- | --- |")
     for batch, name, speed, ratio in rows:
         print(f"| {batch} | {name} | {speed:,.0f} | {ratio:.2f} |")
+    if draft:
+        print(f"speculative: the draft's guesses kept {stats.acceptance:.0%} ({stats.accepted} of {stats.proposed})")
     return 0
 
 
 def main(argv: list[str]) -> int:
     cfg, _ = parse_flags(_FLAG_DEFAULTS, argv, __file__, usage=__doc__)
-    return benchmark(cfg["checkpoint"], cfg["device"], new_tokens=cfg["new_tokens"], prompt_text=cfg["prompt"])
+    return benchmark(cfg["checkpoint"], cfg["device"], new_tokens=cfg["new_tokens"], prompt_text=cfg["prompt"],
+                     draft=cfg["draft"], draft_tokens=cfg["draft_tokens"])
 
 
 if __name__ == "__main__":
