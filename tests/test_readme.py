@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import shutil
 import shlex
 import subprocess
 import sys
@@ -235,6 +236,7 @@ def workdir(tmp_path_factory, tiny_tokenizer):
     mp.chdir(path)
     work = Workdir(path)
     run_python("gpu_training_optimized.py", with_sizes(["--out_dir=out"], SIZES["gpu_training_optimized.py"]))
+    shutil.copytree(path / "out", path / "out_tiny")  # the draft the README trains (runs here go to runs/N)
     yield work
     mp.undo()
     if work.server:
