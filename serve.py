@@ -50,9 +50,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from checkpoint import trained_on_chats
 from cli import UserError, parse_flags, run_main, settings_block, utf8_text
+from engine import Engine, chat_prompt_ids
+from sampling import SamplingParams
 from serve_requests import (APIError, CallerGuard, ChatRequest, CompletionRequest, SamplingRequest, check_sizes,
                             decode_json, error_body, parse_request, read_body)
-from text_generator import Engine, SamplingParams, chat_prompt_ids
 
 CHECKPOINT = "out"  # checkpoint directory: a run's OUT_DIR or any Llama checkpoint directory
 HOST = "127.0.0.1"  # address to listen on; 0.0.0.0 exposes the server to the network (set an API key then)

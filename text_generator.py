@@ -1,31 +1,25 @@
 """
-Talk to a checkpoint: an interactive prompt, one-shot generation for scripts, and the engine behind both
+Talk to a checkpoint: an interactive prompt, and one-shot generation for scripts, on the engine of engine.py
 (serve.py uses the same engine).
 
     python text_generator.py                                   # newest checkpoint under out/, interactive
     python text_generator.py --checkpoint=out/checkpoint-2000 --quantize=int8
     python text_generator.py --prompt="Once upon a time" --prompt="The king" --temperature=0
+    python text_generator.py --prompt="Once upon a time" --temperature=0 --draft=out_tiny   # speculative
     python text_generator.py --benchmark                       # decode tokens/s vs transformers' generate
-
-The engine runs the prompt once (prefill), then one token per step over the preallocated KV cache of
-modern_llm.py; with --compile the decode step is compiled once for its fixed shapes. Prompts of different
-lengths share a batch: rows are left-padded, an attention mask hides the padding and each row gets its own
-RoPE positions, so every row generates exactly what it would alone.
 """
 
 from __future__ import annotations
 
-import threading
+import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
 
-import torch
-
-from checkpoint import CheckpointError, is_int8, load_model, quantize_int8, resolve_checkpoint
-from cli import UserError, parse_flags, pick_device, pick_dtype, run_main, settings_block, utf8_text
+from cli import UserError, parse_flags, run_main, settings_block, utf8_text
+from engine import Engine, chat_prompt_ids
+from sampling import SamplingParams
+from speculative import DraftStats, check_draft, speculative_stream
 
 CHECKPOINT = "out"  # a checkpoint directory, or a training run's OUT_DIR (its newest checkpoint)
 PROMPT: list = []  # one-shot mode: continue this text and exit (repeatable)
@@ -44,530 +38,10 @@ QUANTIZE = ""  # "int8": weight-only int8, one scale per output channel (faster 
 COMPILE = False  # torch.compile the decode step (slow first answer, faster after)
 DEVICE = "auto"  # auto, cpu, cuda, cuda:1, mps
 DTYPE = "auto"  # auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16
+DRAFT = ""  # a small checkpoint with the same tokenizer: speculative decoding (one-shot mode, greedy only)
+DRAFT_TOKENS = 4  # tokens the draft guesses per round of speculative decoding
 BENCHMARK = False  # measure decode tokens/s against transformers' generate and print a table
 _FLAG_DEFAULTS = settings_block(globals())  # the settings above are the flags
-
-END_OF_TURN = "<|im_end|>"  # the chat template's end-of-turn token: a reply stops there as at EOS
-# A step where rows join runs their prompt tokens and the running rows' tokens as one forward pass when
-# (inputs x cache slots read) stays under this: each input then reads a copy of its row's cache.
-PACKED_STEP_SLOTS = 65_536
-
-
-# -----------------------------------------------------------------------------
-# Sampling: parameters per row, and the logits processors
-
-
-@dataclass
-class SamplingParams:
-    """How one row is sampled. Processors apply in Hugging Face's order: repetition penalty (and the OpenAI
-    presence/frequency penalties), temperature, top-k, top-p, min-p; then a token is drawn (argmax if
-    temperature is 0)."""
-
-    max_new_tokens: int = 256
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    min_p: float = 0.0  # 0 = off
-    repetition_penalty: float = 1.0  # HF/CTRL: divides positive logits of seen tokens (prompt + answer)
-    presence_penalty: float = 0.0  # OpenAI: subtracted once from each token already in the answer
-    frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the answer
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None  # None: the engine's random stream
-
-    def validate(self) -> None:
-        """Raise a one-line UserError for the first bad value."""
-        checks = [
-            ("max_new_tokens", isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "must be >= 1"),
-            ("temperature", self.temperature >= 0, "must be >= 0 (0 = greedy)"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "must be a whole number >= 0 (0 = off)"),
-            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1] (1 = off)"),
-            ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1] (0 = off)"),
-            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0 (1 = off)"),
-            ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
-            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
-            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
-            ("seed", self.seed is None or isinstance(self.seed, int) and 0 <= self.seed < 2**63,
-             "must be a whole number in [0, 2**63)"),
-        ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise UserError(f"{name} {rule}, got {getattr(self, name)!r}", "Generation errors")
-
-
-def apply_penalties(logits: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tensor | None,
-                    repetition: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
-    """Repetition penalty as transformers applies it (seen logits: positive / p, negative * p), then the
-    OpenAI penalties on the answer's token counts. Per-row values are (B, 1) tensors."""
-    if seen is not None:
-        penalised = torch.where(logits > 0, logits / repetition, logits * repetition)
-        logits = torch.where(seen, penalised, logits)
-    if counts is not None:
-        logits = logits - frequency * counts - presence * (counts > 0)
-    return logits
-
-
-def top_k_filter(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
-    """Keep every token at least as likely as the k-th best, so all tokens tied with it stay, as transformers'
-    TopKLogitsWarper does; top_k (B, 1), V = off. One topk of the largest k in the batch serves every row."""
-    on = top_k < logits.size(-1)
-    k = torch.where(on, top_k, 1)
-    kth_best = logits.topk(int(k.max()), dim=-1).values.gather(-1, k - 1)
-    return logits.masked_fill(on & (logits < kth_best), float("-inf"))
-
-
-def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Nucleus, as transformers' TopPLogitsWarper: drop the tokens whose probability summed from the least likely
-    up is at most 1 - p, never the best one; top_p (B, 1) float64, the values as given (1 = off). Done the way
-    theirs is (an ascending sort of the same values, 1 - p rounded from float64), so the sums agree to the bit and
-    so does which of several tokens tied at the boundary stays: an unstable sort's order decides that."""
-    sorted_logits, order = logits.sort(dim=-1)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    drop = (cumulative <= (1 - top_p).to(cumulative.dtype)) & (top_p < 1)  # p = 1 is off, whatever the rounding
-    drop[:, -1] = False
-    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-
-
-def min_p_filter(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Drop tokens whose probability is below min_p times the most likely token's (min_p (B, 1)), as
-    transformers' MinPLogitsWarper does; the best token is never below it, so one token always stays."""
-    probs = logits.softmax(dim=-1)
-    return logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
-
-
-class Sampler:
-    """The sampling parameters of a batch's rows as (rows, 1) tensors, so one step samples every row at once.
-    Rows join at the end and leave by the last row taking their place, as the rows of a Batch do."""
-
-    def __init__(self, capacity: int, vocab_size: int, device: torch.device, generator: torch.Generator):
-        self.capacity, self.vocab_size, self.device, self.generator = capacity, vocab_size, device, generator
-        self.params: list[SamplingParams] = []
-        self.generators: list[torch.Generator] = []
-        self.seen = self.counts = None  # (capacity, V), allocated when a row first needs them
-        self.stale = True  # the columns need rebuilding: rows joined or left
-
-    def add(self, params: SamplingParams, prompt: list[int]) -> None:
-        i = len(self.params)
-        self.params.append(params)
-        # A row with a seed draws from its own generator: its text does not depend on the rest of the batch.
-        self.generators.append(self.generator if params.seed is None else
-                               torch.Generator(self.device).manual_seed(params.seed))
-        if params.repetition_penalty != 1 and self.seen is None:
-            self.seen = torch.zeros(self.capacity, self.vocab_size, dtype=torch.bool, device=self.device)
-        if self.seen is not None:
-            self.seen[i] = False
-            self.seen[i, prompt] = True
-        if (params.presence_penalty or params.frequency_penalty) and self.counts is None:
-            self.counts = torch.zeros(self.capacity, self.vocab_size, device=self.device)
-        if self.counts is not None:
-            self.counts[i] = 0
-        self.stale = True
-
-    def remove(self, i: int) -> None:
-        last = len(self.params) - 1
-        for table in (self.seen, self.counts):
-            if table is not None:
-                table[i] = table[last]
-        self.params[i], self.generators[i] = self.params[last], self.generators[last]
-        self.params.pop()
-        self.generators.pop()
-        self.stale = True
-
-    def columns(self) -> None:
-        def column(values, dtype=torch.float32):
-            return torch.tensor(values, dtype=dtype, device=self.device)[:, None]
-
-        params, V = self.params, self.vocab_size
-        self.greedy = column([p.temperature == 0 for p in params], torch.bool)
-        self.temperature = column([p.temperature or 1.0 for p in params])
-        self.top_k = column([min(p.top_k, V) or V for p in params], torch.long)  # k above V keeps all
-        self.top_p = column([p.top_p for p in params], torch.float64)  # 1 - p is rounded as transformers does
-        self.min_p = column([p.min_p for p in params])
-        self.repetition = column([p.repetition_penalty for p in params])
-        self.presence = column([p.presence_penalty for p in params])
-        self.frequency = column([p.frequency_penalty for p in params])
-        self.use_top_k = any(p.top_k for p in params)
-        self.use_top_p = any(p.top_p < 1 for p in params)
-        self.use_min_p = any(p.min_p > 0 for p in params)
-        self.all_greedy = all(p.temperature == 0 for p in params)
-        self.stale = False
-
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """The next token of every row (B,), from the last position's logits (B, V)."""
-        if self.stale:
-            self.columns()
-        B = logits.size(0)
-        seen = None if self.seen is None else self.seen[:B]
-        counts = None if self.counts is None else self.counts[:B]
-        logits = apply_penalties(logits.float(), seen, counts, self.repetition, self.presence, self.frequency)
-        if self.all_greedy:
-            return logits.argmax(dim=-1)
-        greedy_choice = logits.argmax(dim=-1)
-        logits = logits / self.temperature
-        if self.use_top_k:
-            logits = top_k_filter(logits, self.top_k)
-        if self.use_top_p:
-            logits = top_p_filter(logits, self.top_p)
-        if self.use_min_p:
-            logits = min_p_filter(logits, self.min_p)
-        probs = logits.softmax(dim=-1)
-        # Exponential race (argmax of p / E, E ~ Exp(1)) draws from probs like multinomial, and lets each row
-        # use its own generator.
-        noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=g) for g in self.generators])
-        return torch.where(self.greedy[:, 0], greedy_choice, (probs / noise).argmax(dim=-1))
-
-    def update(self, tokens: torch.Tensor) -> None:
-        rows = torch.arange(tokens.size(0), device=tokens.device)
-        if self.seen is not None:
-            self.seen[rows, tokens] = True
-        if self.counts is not None:
-            self.counts[rows, tokens] += 1
-
-
-# -----------------------------------------------------------------------------
-# From tokens to text, one piece at a time
-
-
-class TextStream:
-    """Turns a row's tokens into text pieces as they come. A character of several bytes can span several
-    tokens, so a piece that ends in an incomplete character is held back until the character completes.
-    The last few prompt tokens are decoded along, so tokenizers that mark word starts (SentencePiece's
-    leading space) decode the first answer token as they would inside the text."""
-
-    def __init__(self, tokenizer, prompt: list[int]):
-        self.tokenizer = tokenizer
-        self.ids = list(prompt[-5:])
-        self.prefix, self.read = 0, len(self.ids)
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        return self.flush(final=False)
-
-    def flush(self, final: bool = True) -> str:
-        before = self._decode(self.ids[self.prefix:self.read])
-        text = self._decode(self.ids[self.prefix:])
-        if text.endswith("\ufffd") and not final:
-            return ""
-        self.prefix, self.read = self.read, len(self.ids)
-        return text[len(before):]
-
-
-@dataclass
-class TokenEvent:
-    token_id: int | None  # None when the row was cancelled
-    text_delta: str  # text to append; may be "" (a character still incomplete, or held back by a stop string)
-    finish_reason: str | None = None  # None, "stop" (EOS, end of turn, stop string), "length" or "cancelled"
-
-
-@dataclass
-class Completion:
-    text: str
-    token_ids: list[int]  # generated tokens, the EOS / end-of-turn token that ended the row included
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-
-
-class RowState:
-    """One row's answer so far: its tokens, its text, how much of the text was handed out, and why it ended."""
-
-    def __init__(self, tokenizer, prompt: list[int], params: SamplingParams, max_new_tokens: int):
-        self.stream = TextStream(tokenizer, prompt)
-        self.params = params
-        self.stop = params.stop
-        self.max_new_tokens = max_new_tokens
-        self.tokens: list[int] = []
-        self.text = ""
-        self.sent = 0  # characters of self.text already handed out
-        self.finished = False
-
-    def event(self, token: int, end_tokens: set[int]) -> TokenEvent:
-        self.tokens.append(token)
-        if token in end_tokens:
-            return self.finish(token, self.text[self.sent:] + self.stream.flush(), "stop")
-        self.text += self.stream.push(token)
-        # A stop string cannot start in text already sent: that text never ends in a prefix of one.
-        hits = [i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0]
-        if hits:
-            cut = min(hits)
-            return self.finish(token, self.text[self.sent:cut], "stop")
-        if len(self.tokens) >= self.max_new_tokens:
-            return self.finish(token, self.text[self.sent:] + self.stream.flush(), "length")
-        end = len(self.text) - self.held_back()
-        delta, self.sent = self.text[self.sent:end], max(self.sent, end)
-        return TokenEvent(token, delta)
-
-    def held_back(self) -> int:
-        """Length of the longest end of the unsent text that could begin a stop string."""
-        unsent = self.text[self.sent:]
-        return max((n for s in self.stop for n in range(min(len(s) - 1, len(unsent)), 0, -1)
-                    if unsent.endswith(s[:n])), default=0)
-
-    def finish(self, token: int | None, delta: str, reason: str) -> TokenEvent:
-        self.finished = True
-        self.text = self.text[:self.sent] + delta
-        self.sent = len(self.text)
-        return TokenEvent(token, delta, reason)
-
-
-# -----------------------------------------------------------------------------
-# The engine
-
-
-def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Messages through the tokenizer's chat template, as token ids. The template's markers become control
-    tokens; the messages' own text stays text: "<|im_end|>" typed in a message is encoded as its characters,
-    so no message can end its turn early or open a system turn."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids, at = [], 0
-    for m in messages:
-        start = text.find(m["content"], at)
-        if start < 0:  # the template rewrote the text (trimmed it, say): it cannot be told from the markers
-            specials = tokenizer.get_added_vocab()
-            if any(s in msg["content"] for msg in messages for s in specials):
-                raise UserError("a message contains a special token's text and this chat template rewrites "
-                                "messages, so it cannot be kept as text; remove it", "Generation errors")
-            return tokenizer.encode(text, add_special_tokens=False)
-        ids += tokenizer.encode(text[at:start], add_special_tokens=False)
-        ids += tokenizer.encode(m["content"], add_special_tokens=False, split_special_tokens=True)
-        at = start + len(m["content"])
-    return ids + tokenizer.encode(text[at:], add_special_tokens=False)
-
-
-
-def load_checkpoint_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:  # a damaged tokenizer.json raises anything: KeyError, or the Rust library's Exception
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path}: no usable tokenizer (tokenizer.json) beside the weights: {first}") from None
-
-
-class Engine:
-    """A loaded checkpoint that generates text for rows of prompts, one step at a time.
-
-    One Batch runs at a time (a lock serialises callers): serve.py keeps one open and lets rows join it,
-    text_generator's own modes open one per call of stream().
-    """
-
-    def __init__(self, checkpoint: str | Path, device: str = "auto", dtype: str = "auto",
-                 quantize: str | None = None, compile: bool = False, max_batch_size: int = 16):
-        if quantize not in (None, "", "int8"):
-            raise UserError(f"unknown quantization {quantize!r}; the choice is int8 (or nothing)", "Generation errors")
-        self.device = pick_device(device)
-        self.dtype = pick_dtype(dtype, self.device, cpu_bf16=False)  # fp32 on CPUs: the exact tokens
-        self.path = resolve_checkpoint(checkpoint)
-        self.model = load_model(self.path, self.device, self.dtype).eval()
-        if quantize == "int8" and not is_int8(self.model):
-            quantize_int8(self.model)
-        self.tokenizer = load_checkpoint_tokenizer(self.path)
-        self.max_seq_len = self.model.cfg.max_seq_len
-        self.max_batch_size = max_batch_size
-        vocab = self.tokenizer.get_vocab()
-        self.end_tokens = {t for t in (self.tokenizer.eos_token_id, vocab.get(END_OF_TURN)) if t is not None}
-        self.pad_id = self.tokenizer.pad_token_id or 0
-        self.generator = torch.Generator(self.device)
-        self.generator.seed()  # a fresh random seed; rows with their own seed do not use it
-        self._lock = threading.Lock()
-        self._decode = self._decode_step
-        if compile:
-            # Each number of live rows is its own static graph; allow enough of them before falling back.
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            self._decode = torch.compile(self._decode_step, dynamic=False)
-
-    # -- the model steps ---------------------------------------------------------------------------------------
-    def span(self, positions: int) -> int:
-        """Cache slots attention reads for rows up to `positions` long: rounded up to a quarter of the context,
-        so a compiled decode step sees few distinct shapes, and a short row does not read the whole context."""
-        quarter = max(1, self.max_seq_len // 4)
-        return min(self.max_seq_len, -(-positions // quarter) * quarter)
-
-    def _decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, rows: slice | torch.Tensor,
-                     span: int) -> torch.Tensor:
-        """One token per input (B, 1), each at its own position pos (B, 1) in its own cache row: rows is a slice
-        of the cache's rows, or a tensor (B,) of row numbers that may repeat (a joining prompt's tokens packed
-        with the running rows' tokens into one pass, see Batch.logits). Reads the first `span` slots; the logits
-        (B, V). With a slice, the shapes are fixed for a number of rows and span: compilable."""
-        mask = (torch.arange(span, device=tokens.device) <= pos)[:, None, None]
-        return self.model(tokens, pos=pos, slots=pos, mask=mask, view=(rows, span)).float()[:, -1]
-
-    def _prefill(self, prompts: list[list[int]], first_row: int) -> torch.Tensor:
-        """Run prompts through the model once, into cache rows first_row.., right-padded: every row starts at
-        slot 0 and position 0, as it would alone (the padding's slots are overwritten before any row sees them).
-        The logits of each prompt's last token (B, V)."""
-        B, P = len(prompts), max(map(len, prompts))
-        idx = torch.tensor([x + [self.pad_id] * (P - len(x)) for x in prompts], device=self.device)
-        slots = torch.arange(P, device=self.device)
-        causal = slots <= slots[:, None]
-        logits = self.model(idx, pos=slots, mask=causal, view=(slice(first_row, first_row + B), P))
-        last = torch.tensor([len(x) - 1 for x in prompts], device=self.device)
-        return logits[torch.arange(B, device=self.device), last].float()
-
-    # -- the public API ----------------------------------------------------------------------------------------
-    def check_prompt(self, prompt: list[int]) -> None:
-        if not prompt:
-            raise UserError("the prompt is empty: give some text to continue", "Generation errors")
-        if len(prompt) >= self.max_seq_len:
-            raise UserError(f"the prompt has {len(prompt)} tokens, the model's context is {self.max_seq_len}: "
-                            "shorten it to leave room for the answer", "Generation errors")
-        vocab = self.model.cfg.vocab_size
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise UserError(f"prompt token ids must lie in [0, {vocab})", "Generation errors")
-
-    @contextmanager
-    def batch(self, capacity: int) -> Iterator[Batch]:
-        """An empty Batch of up to `capacity` rows over a KV cache of the whole context per row."""
-        with self._lock:
-            self.model.setup_cache(capacity, self.max_seq_len)
-            try:
-                yield Batch(self, capacity)
-            finally:
-                self.model.clear_cache()
-
-    def stream(self, prompts: list[list[int]], params: list[SamplingParams],
-               cancelled: Callable[[int], bool] | None = None) -> Iterator[list[TokenEvent | None]]:
-        """Generate for every row together; yield, per decode step, each row's TokenEvent, or None for a row
-        that has finished. A row's answer stops at EOS or <|im_end|>, a stop string, its max_new_tokens or
-        the end of the context ("length"); cancelled(row) returning True ends it with "cancelled"."""
-        if len(prompts) != len(params):
-            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
-        if not 1 <= len(prompts) <= self.max_batch_size:
-            raise UserError(f"{len(prompts)} prompts in one batch; this engine takes 1 to {self.max_batch_size}",
-                            "Generation errors")
-        with self.batch(len(prompts)) as batch:
-            for row, (prompt, p) in enumerate(zip(prompts, params)):
-                batch.add(prompt, p, key=row)  # checks the prompt and the parameters
-            while batch:
-                step: list[TokenEvent | None] = [None] * len(prompts)
-                for row, event in batch.step(cancelled or (lambda row: False)):
-                    step[row] = event
-                yield step
-
-    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Completion]:
-        """Whole answers, in batches of at most max_batch_size."""
-        out = []
-        for start in range(0, len(prompts), self.max_batch_size):
-            chunk = prompts[start:start + self.max_batch_size]
-            texts, tokens, reasons = [""] * len(chunk), [[] for _ in chunk], [""] * len(chunk)
-            for step in self.stream(chunk, params[start:start + self.max_batch_size]):
-                for i, ev in enumerate(step):
-                    if ev is not None:
-                        texts[i] += ev.text_delta
-                        tokens[i] += [] if ev.token_id is None else [ev.token_id]
-                        reasons[i] = ev.finish_reason or ""
-            out += [Completion(t, ids, r, len(x), len(ids)) for t, ids, r, x in zip(texts, tokens, reasons, chunk)]
-        return out
-
-
-@dataclass(eq=False)
-class Row:
-    """A row of a Batch: who it answers (key), its answer so far, and what the next step feeds the model."""
-
-    key: Any
-    state: RowState
-    prompt: list[int]
-    token: int | None = None  # the last sampled token, fed to the model at the next step; None before prefill
-
-    @property
-    def pos(self) -> int:  # the position (and cache slot) of `token`
-        return len(self.prompt) + len(self.state.tokens) - 1
-
-
-class Batch:
-    """Rows decoding together, joining and leaving between steps (continuous batching).
-
-    Each row has its own cache row and its own positions, from slot 0, so a row that joins a running batch
-    computes what it would alone, and a seeded row draws from its own generator. A row added between steps is
-    prefilled at the next one (and gets its first token there); a row that ends, or is cancelled, leaves at
-    once: the last row moves into its place, so the live rows stay at the front and a decode step runs on a
-    view of the cache, not a copy. Open one with Engine.batch().
-    """
-
-    def __init__(self, engine: Engine, capacity: int):
-        self.engine, self.capacity = engine, capacity
-        self.rows: list[Row] = []
-        self.joining: list[Row] = []  # added since the last step
-        self.sampler = Sampler(capacity, engine.model.cfg.vocab_size, engine.device, engine.generator)
-
-    def __len__(self) -> int:
-        return len(self.rows) + len(self.joining)
-
-    def free(self) -> int:
-        return self.capacity - len(self)
-
-    def add(self, prompt: list[int], params: SamplingParams, key: Any) -> None:
-        """A row that joins at the next step; key is what step() reports its events under."""
-        if not self.free():
-            raise ValueError(f"the batch is full ({self.capacity} rows)")
-        self.engine.check_prompt(prompt)
-        params.validate()
-        budget = min(params.max_new_tokens, self.engine.max_seq_len - len(prompt))
-        self.joining.append(Row(key, RowState(self.engine.tokenizer, prompt, params, budget), prompt))
-
-    def step(self, cancelled: Callable[[Any], bool] = lambda key: False) -> list[tuple[Any, TokenEvent]]:
-        """One token for every row: the (key, TokenEvent) of each row, cancelled rows' last events included."""
-        events = []
-        for row in [r for r in self.rows + self.joining if cancelled(r.key)]:
-            events.append((row.key, row.state.finish(None, "", "cancelled")))
-            if row in self.joining:
-                self.joining.remove(row)
-            else:
-                self.remove(self.rows.index(row))
-        running, joining = len(self.rows), self.joining
-        for row in joining:
-            self.rows.append(row)
-            self.sampler.add(row.state.params, row.prompt)
-        self.joining = []
-        if not self.rows:
-            return events
-        with torch.inference_mode():
-            tokens = self.sampler(self.logits(running, joining))
-            self.sampler.update(tokens)
-        ended = []
-        for i, (row, token) in enumerate(zip(self.rows, tokens.tolist())):
-            row.token = token
-            events.append((row.key, row.state.event(token, self.engine.end_tokens)))
-            if row.state.finished:
-                ended.append(i)
-        for i in reversed(ended):
-            self.remove(i)
-        return events
-
-    def logits(self, running: int, joining: list[Row]) -> torch.Tensor:
-        """The next-token logits of every row: the running rows (0..running-1) feed their last token, the
-        joining ones their prompt. One forward pass for all when small enough (see PACKED_STEP_SLOTS); else
-        a decode step on a view of the cache and a prefill of the joining rows."""
-        engine, old = self.engine, self.rows[:running]
-        inputs = [(r.token, r.pos, i) for i, r in enumerate(old)]
-        ends = list(range(running))  # the input whose logits each row samples from
-        for j, row in enumerate(joining):
-            inputs += [(t, p, running + j) for p, t in enumerate(row.prompt)]
-            ends.append(len(inputs) - 1)
-        tokens, pos, rows = (torch.tensor(column, device=engine.device) for column in zip(*inputs))
-        span = engine.span(int(pos.max()) + 1)
-        if joining and len(inputs) * span <= PACKED_STEP_SLOTS:  # one pass; each input reads a copy of its row
-            logits = engine._decode_step(tokens[:, None], pos[:, None], rows, span)
-            return logits[torch.tensor(ends, device=engine.device)]
-        logits = []
-        if running:
-            span = engine.span(int(pos[:running].max()) + 1)
-            logits.append(engine._decode(tokens[:running, None], pos[:running, None], slice(0, running), span))
-        if joining:
-            logits.append(engine._prefill([r.prompt for r in joining], running))
-        return torch.cat(logits)
-
-    def remove(self, i: int) -> None:
-        """Row i leaves; the last row takes its place in the list, the cache and the sampler."""
-        last = len(self.rows) - 1
-        if i != last:
-            self.engine.model.move_cache_row(last, i)
-            self.rows[i] = self.rows[last]
-        self.rows.pop()
-        self.sampler.remove(i)
 
 
 # -----------------------------------------------------------------------------
@@ -734,6 +208,23 @@ def one_shot(engine: Engine, prompts: list[str], params: SamplingParams) -> None
         print(f"--- {i + 1}: {prompt}\n{c.text}")
 
 
+def one_shot_speculative(target: Engine, draft: Engine, prompts: list[str], params: SamplingParams,
+                         draft_tokens: int) -> None:
+    """Each prompt alone, its continuation streamed; how well the draft guessed goes to stderr."""
+    ids = [target.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    for x in ids:
+        target.check_prompt(x)
+    for i, (prompt, x) in enumerate(zip(prompts, ids)):
+        if len(prompts) > 1:
+            print(f"--- {i + 1}: {prompt}")
+        stats = DraftStats()
+        for ev in speculative_stream(target, draft, x, params, draft_tokens, stats):
+            print(ev.text_delta, end="", flush=True)
+        print()
+        print(f"[draft: {stats.accepted} of {stats.proposed} guesses kept ({stats.acceptance:.0%}), "
+              f"{stats.target_passes} target passes]", file=sys.stderr)
+
+
 def main(argv: list[str]) -> int:
     cfg, given = parse_flags(_FLAG_DEFAULTS, argv, __file__, usage=__doc__)
     if cfg["batch_size"] < 1:
@@ -744,6 +235,9 @@ def main(argv: list[str]) -> int:
                             seed=None if cfg["seed"] < 0 else cfg["seed"])
     params.validate()
     prompts = read_prompts(cfg)
+    if cfg["draft"] and (not prompts or cfg["temperature"] != 0 or cfg["draft_tokens"] < 1):
+        raise UserError("--draft (speculative decoding) needs --prompt or --prompts_file, --temperature=0 and "
+                        "--draft_tokens >= 1", "Speculative decoding")
     if "checkpoint" not in given and not Path(cfg["checkpoint"]).exists():
         raise UserError(f"no checkpoint found: {cfg['checkpoint']}/ does not exist. Train one "
                         "(python gpu_training_optimized.py) or pass --checkpoint=DIR", "Generation errors")
@@ -752,7 +246,11 @@ def main(argv: list[str]) -> int:
         return benchmark(cfg["checkpoint"], cfg["device"])
     engine = Engine(cfg["checkpoint"], cfg["device"], cfg["dtype"], cfg["quantize"] or None, cfg["compile"],
                     max_batch_size=cfg["batch_size"])
-    if prompts:
+    if cfg["draft"]:
+        draft = Engine(cfg["draft"], cfg["device"], cfg["dtype"], cfg["quantize"] or None, cfg["compile"], 1)
+        check_draft(engine, draft)
+        one_shot_speculative(engine, draft, prompts, params, cfg["draft_tokens"])
+    elif prompts:
         one_shot(engine, prompts, params)
     else:
         Session(engine, params, cfg["chat"]).loop()

@@ -2,7 +2,8 @@
 Decode speed: tokens/s of our engine (eager and compiled, fp32 and int8) against transformers' generate (its
 default dynamic cache, and a static cache with torch.compile), greedy, the same checkpoint and prompt for all.
 With --llamacpp, llama.cpp too at batch 1 (the CPU inference anchor): this checkpoint's f32 and q8_0 GGUF
-exports, to set beside our fp32 and int8, in the same threads.
+exports, to set beside our fp32 and int8, in the same threads. With --draft=DIR also speculative decoding at
+batch 1 (eager, the draft's guesses checked by the target).
 
     python text_generator.py --benchmark --checkpoint=DIR     # the same as:
     python speed_optimizations_2025.py decode --checkpoint=DIR
@@ -24,7 +25,9 @@ import torch
 
 from checkpoint import resolve_checkpoint
 from cli import UserError, parse_flags, pick_device, run_main, settings_block
-from text_generator import Engine, SamplingParams
+from engine import Engine
+from sampling import SamplingParams
+from speculative import DraftStats, speculative_stream
 
 CHECKPOINT = "out"  # the checkpoint to measure (a run's OUT_DIR or a checkpoint directory)
 DEVICE = "auto"  # auto, cpu, cuda, cuda:1, mps
@@ -32,6 +35,8 @@ NEW_TOKENS = 128  # tokens decoded per row (end tokens are ignored, so every row
 PROMPT = "The quick brown fox jumps over the lazy dog"  # the prompt of every row
 LLAMACPP = False  # also llama.cpp f32 and q8_0 at batch 1 (node-llama-cpp's prebuilt CPU build, tests/llamacpp)
 THREADS = 0  # CPU threads of every row, llama.cpp's included; 0 = torch's default (1 is steadier on a busy machine)
+DRAFT = ""  # a draft checkpoint (same tokenizer): adds speculative decoding rows at batch 1
+DRAFT_TOKENS = 4  # guesses per round of speculative decoding
 _FLAG_DEFAULTS = settings_block(globals())  # the settings above are the flags
 
 LLAMACPP_SCRIPT = Path(__file__).resolve().parent.parent / "tests" / "llamacpp" / "greedy.mjs"
@@ -91,18 +96,19 @@ def timed(fns: dict[str, Callable[[], object]], rounds: int = 3) -> dict[str, fl
 
 
 def benchmark(checkpoint: str, device: str, batch_sizes: tuple[int, ...] = (1, 8), new_tokens: int = NEW_TOKENS,
-              prompt_text: str = PROMPT, llamacpp: bool = False) -> int:
+              prompt_text: str = PROMPT, llamacpp: bool = False, draft: str = "",
+              draft_tokens: int = DRAFT_TOKENS) -> int:
     """Greedy, `new_tokens` new tokens per row (end tokens ignored, so every row decodes them all), the
     same checkpoint and prompt for every row: ours eager/compiled x fp32/int8, and transformers' generate
     with its default dynamic cache and with a static cache + torch.compile; llama.cpp at batch 1 if asked."""
     path = resolve_checkpoint(checkpoint)
     with ExitStack() as stack:
         llama = llamacpp_runs(path, stack) if llamacpp else {}
-        return measure(path, device, batch_sizes, new_tokens, prompt_text, llama)
+        return measure(path, device, batch_sizes, new_tokens, prompt_text, llama, draft, draft_tokens)
 
 
 def measure(path: Path, device: str, batch_sizes: tuple[int, ...], new_tokens: int, prompt_text: str,
-            llama: dict[str, LlamaCpp]) -> int:
+            llama: dict[str, LlamaCpp], draft: str, draft_tokens: int) -> int:
     from transformers import AutoModelForCausalLM, CompileConfig
 
     engines = {(q, c): Engine(path, device, "float32", q, c, max(batch_sizes))
@@ -111,8 +117,8 @@ def measure(path: Path, device: str, batch_sizes: tuple[int, ...], new_tokens: i
     hf.generation_config.eos_token_id = None
     compile_config = CompileConfig(mode="default")
     compile_config._compile_all_devices = True  # transformers compiles on GPUs only unless told
-    hf_runs = {"transformers eager": {},
-               "transformers static cache + compile": {"cache_implementation": "static", "compile_config": compile_config}}
+    static = {"cache_implementation": "static", "compile_config": compile_config}
+    hf_runs = {"transformers eager": {}, "transformers static cache + compile": static}
     prompt = engines[None, False].tokenizer.encode(prompt_text, add_special_tokens=False)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
     rows = []
@@ -127,6 +133,12 @@ def measure(path: Path, device: str, batch_sizes: tuple[int, ...], new_tokens: i
                 lambda engine=engine: engine.generate([prompt] * batch, [params] * batch)
         if batch == 1:
             runs.update({name: lambda run=run: run.generate(prompt, new_tokens) for name, run in llama.items()})
+        if draft and batch == 1:
+            target, draft_engine = Engine(path, device, "float32"), Engine(draft, device, "float32")
+            stats = DraftStats()
+            target.end_tokens = set()
+            runs[f"ours speculative eager fp32, {draft_tokens} guesses"] = \
+                lambda: list(speculative_stream(target, draft_engine, prompt, params, draft_tokens, stats))
         with torch.inference_mode():
             results = timed(runs)
         base = batch * new_tokens / results["transformers eager"]
@@ -140,6 +152,8 @@ def measure(path: Path, device: str, batch_sizes: tuple[int, ...], new_tokens: i
         print(f"| {batch} | {name} | {speed:,.0f} | {ratio:.2f} |")
     if llama:
         print(llamacpp_summary(rows, engines, llama, prompt, params))
+    if draft:
+        print(f"speculative: the draft's guesses kept {stats.acceptance:.0%} ({stats.accepted} of {stats.proposed})")
     return 0
 
 
@@ -164,7 +178,7 @@ def main(argv: list[str]) -> int:
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
     return benchmark(cfg["checkpoint"], cfg["device"], new_tokens=cfg["new_tokens"], prompt_text=cfg["prompt"],
-                     llamacpp=cfg["llamacpp"])
+                     llamacpp=cfg["llamacpp"], draft=cfg["draft"], draft_tokens=cfg["draft_tokens"])
 
 
 if __name__ == "__main__":

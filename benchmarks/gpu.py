@@ -47,8 +47,9 @@ import prepare_data
 from benchmarks.decode import PROMPT, timed
 from cli import UserError, parse_flags, pick_device, pick_dtype, run_main, settings_block
 from distributed import World
+from engine import Engine
 from monitor import GiB
-from text_generator import Engine, SamplingParams
+from sampling import SamplingParams
 
 PRESETS = []  # hardware presets to rehearse (repeatable); empty: every GPU preset (rtx3060 rtx4070ti rtx4090 h100)
 STEPS = 4  # optimizer steps per preset, all of its micro-batches; the first is not timed (allocator, kernels)

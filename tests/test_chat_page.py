@@ -26,7 +26,7 @@ import checkpoint
 import gpu_training_optimized as train
 import serve
 from conftest import ROOT, make_checkpoint
-from text_generator import Engine
+from engine import Engine
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's; nothing is downloaded
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),

@@ -92,7 +92,8 @@ def test_onnx_directory_is_self_contained(onnx_dir, tiny_tokenizer):
 def test_int8_checkpoint_loads_generates_and_stays_close_to_fp32(tiny_checkpoint, fp32_model, tmp_path, capsys):
     from safetensors import safe_open
 
-    from text_generator import Engine, SamplingParams
+    from engine import Engine
+    from sampling import SamplingParams
 
     out = tmp_path / "int8"
     code, text = run([f"--checkpoint={tiny_checkpoint}", "--format=int8", f"--out={out}"], capsys)

@@ -1,5 +1,5 @@
-"""text_generator.py: the engine against transformers and against itself, the samplers against their
-definitions, streaming text, int8, the command line and the interactive prompt."""
+"""text_generator.py, engine.py and sampling.py: the engine against transformers and against itself, the
+samplers against their definitions, streaming text, int8, the command line and the interactive prompt."""
 
 import json
 import os
@@ -8,15 +8,19 @@ import sys
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import checkpoint
 import cli
 import text_generator as tg
 from conftest import ROOT, make_checkpoint
+from engine import Engine, TextStream
+import sampling
+from sampling import SamplingParams
+from speculative import DraftStats, speculative_stream
 
-GREEDY = tg.SamplingParams(max_new_tokens=16, temperature=0)
+GREEDY = SamplingParams(max_new_tokens=16, temperature=0)
 TEXTS = ["The quick brown fox", "def add(a, b):\n    return", "To", "Héllo wörld, ünïcödé and emoji 🎉 and 日本語"]
 
 
@@ -50,7 +54,7 @@ def sharp_checkpoint(tmp_path_factory, tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def engine(sharp_checkpoint):
-    return tg.Engine(sharp_checkpoint, device="cpu")
+    return Engine(sharp_checkpoint, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -100,21 +104,21 @@ def test_batch_of_different_lengths_equals_each_alone(engine, prompts):
     assert [c.token_ids for c in together] == [c.token_ids for c in alone]
     assert [c.text for c in together] == [c.text for c in alone]
     # sampling with a seed per row: a row's sample does not depend on its neighbours either
-    sampled = [tg.SamplingParams(max_new_tokens=12, temperature=1.0, seed=i) for i in range(4)]
+    sampled = [SamplingParams(max_new_tokens=12, temperature=1.0, seed=i) for i in range(4)]
     together = engine.generate(batch, sampled)
     alone = [engine.generate([p], [s])[0] for p, s in zip(batch, sampled)]
     assert [c.token_ids for c in together] == [c.token_ids for c in alone]
 
 
 def test_same_seed_same_text_and_per_row_stopping(engine, prompts):
-    params = tg.SamplingParams(max_new_tokens=20, temperature=1.0, top_k=40, top_p=0.95, seed=7)
+    params = SamplingParams(max_new_tokens=20, temperature=1.0, top_k=40, top_p=0.95, seed=7)
     first = engine.generate(prompts[:1], [params])[0]
     assert engine.generate(prompts[:1], [params])[0] == first
-    others = {tuple(engine.generate(prompts[:1], [tg.SamplingParams(max_new_tokens=20, seed=s)])[0].token_ids)
+    others = {tuple(engine.generate(prompts[:1], [SamplingParams(max_new_tokens=20, seed=s)])[0].token_ids)
               for s in (1, 2, 3)}
     assert len(others) > 1
     # rows stop on their own: different max_new_tokens in one batch
-    short, long = (tg.SamplingParams(max_new_tokens=n, temperature=0) for n in (3, 9))
+    short, long = (SamplingParams(max_new_tokens=n, temperature=0) for n in (3, 9))
     a, b = engine.generate(prompts[:2], [short, long])
     assert (a.completion_tokens, a.finish_reason, b.completion_tokens, b.finish_reason) == (3, "length", 9, "length")
     assert a.prompt_tokens == len(prompts[0])
@@ -123,7 +127,7 @@ def test_same_seed_same_text_and_per_row_stopping(engine, prompts):
 def test_stream_events_stop_strings_and_end_tokens(engine, prompts):
     full = engine.generate(prompts[:1], [GREEDY])[0]
     stop = full.text[len(full.text) // 2:][:2]  # two characters from the middle of the answer
-    params = tg.SamplingParams(max_new_tokens=16, temperature=0, stop=[stop])
+    params = SamplingParams(max_new_tokens=16, temperature=0, stop=[stop])
     steps = list(engine.stream(prompts[:1], [params]))
     pieces = [s[0].text_delta for s in steps]
     assert steps[-1][0].finish_reason == "stop"
@@ -161,7 +165,7 @@ def test_bad_prompts(engine, prompt, message):
                                           ("presence_penalty", 3.0), ("stop", [""])])
 def test_bad_sampling_params(field, value):
     with pytest.raises(cli.UserError, match=field):
-        tg.SamplingParams(**{field: value}).validate()
+        SamplingParams(**{field: value}).validate()
 
 
 # -----------------------------------------------------------------------------
@@ -174,7 +178,8 @@ TIED = st.lists(st.sampled_from([-3.0, -1.0, 0.0, 0.5, 0.5, 1.0, 2.0]) | st.floa
 
 
 def kept(logits: torch.Tensor, k: int, p: float) -> torch.Tensor:
-    logits = tg.top_p_filter(tg.top_k_filter(logits, torch.tensor([[k]])), torch.tensor([[p]], dtype=torch.float64))
+    logits = sampling.top_k_filter(logits, torch.tensor([[k]]))
+    logits = sampling.top_p_filter(logits, torch.tensor([[p]], dtype=torch.float64))
     return torch.isfinite(logits)[0]
 
 
@@ -219,15 +224,16 @@ def test_processors_equal_transformers_on_bf16_logits_of_a_32k_vocabulary():
         logits = (torch.randn(B, V, generator=gen) * 3).bfloat16().float()
         rows = [settings_grid[int(i)] for i in torch.randint(len(settings_grid), (B,), generator=gen)]
         seen_ids = torch.randint(0, V, (B, 20), generator=gen)
-        params = [tg.SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m, repetition_penalty=r)
+        params = [sampling.SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m, repetition_penalty=r)
                   for t, k, p, m, r in rows]
-        sampler = tg.Sampler(B, V, torch.device("cpu"), torch.Generator())
+        sampler = sampling.Sampler(B, V, torch.device("cpu"), torch.Generator())
         for row, seen in zip(params, seen_ids.tolist()):
             sampler.add(row, seen)
         sampler.columns()
-        ours = tg.apply_penalties(logits, sampler.seen, None, sampler.repetition, None, None) / sampler.temperature
-        ours = tg.top_p_filter(tg.top_k_filter(ours, sampler.top_k), sampler.top_p)
-        ours = tg.min_p_filter(ours, sampler.min_p)
+        ours = sampling.apply_penalties(logits, sampler.seen, None, sampler.repetition, None, None)
+        ours = ours / sampler.temperature
+        ours = sampling.top_p_filter(sampling.top_k_filter(ours, sampler.top_k), sampler.top_p)
+        ours = sampling.min_p_filter(ours, sampler.min_p)
         for i, setting in enumerate(rows):
             theirs = transformers_processed(logits[i:i + 1], seen_ids[i:i + 1], *setting)
             assert torch.equal(ours[i:i + 1], theirs), (draw, i, setting)
@@ -239,9 +245,9 @@ def test_processors_equal_transformers_on_bf16_logits_of_a_32k_vocabulary():
 def test_sampling_stays_inside_top_k_and_min_p(engine, prompts):
     """End to end: every sampled token was among the k best (resp. above min_p x best) of the full model's
     logits at that point."""
-    for params, allowed in ((tg.SamplingParams(max_new_tokens=12, temperature=2.0, top_k=3, seed=1),
+    for params, allowed in ((SamplingParams(max_new_tokens=12, temperature=2.0, top_k=3, seed=1),
                              lambda lg: lg.topk(3).indices.tolist()),
-                            (tg.SamplingParams(max_new_tokens=12, temperature=1.0, min_p=0.2, seed=2),
+                            (SamplingParams(max_new_tokens=12, temperature=1.0, min_p=0.2, seed=2),
                              lambda lg: (lg.softmax(-1) >= 0.2 * lg.softmax(-1).max()).nonzero().flatten().tolist())):
         seq = list(prompts[0])
         for token in engine.generate([prompts[0]], [params])[0].token_ids:
@@ -259,7 +265,7 @@ def test_sampling_stays_inside_top_k_and_min_p(engine, prompts):
 @given(st.lists(st.integers(0, 399), min_size=1, max_size=30))
 def test_text_stream_pieces_join_to_the_decoded_text(tiny_tokenizer, ids):
     ids = [i for i in ids if i not in tiny_tokenizer.all_special_ids] or [100]
-    stream = tg.TextStream(tiny_tokenizer, [])
+    stream = TextStream(tiny_tokenizer, [])
     pieces = [stream.push(i) for i in ids] + [stream.flush()]
     assert "".join(pieces) == tiny_tokenizer.decode(ids)
 
@@ -268,7 +274,7 @@ def test_text_stream_never_splits_a_character(tiny_tokenizer):
     text = "日本語 🎉 ünïcödé"
     ids = tiny_tokenizer.encode(text, add_special_tokens=False)
     assert len(ids) > len(text.split())  # characters really span several tokens
-    stream = tg.TextStream(tiny_tokenizer, tiny_tokenizer.encode("Say: ", add_special_tokens=False))
+    stream = TextStream(tiny_tokenizer, tiny_tokenizer.encode("Say: ", add_special_tokens=False))
     pieces = [stream.push(i) for i in ids]
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
 
@@ -288,7 +294,7 @@ def test_int8_close_to_fp32_and_its_checkpoint_round_trips(engine, tiny_checkpoi
         assert (checkpoint.quantize_int8(model)(seq) - ref).abs().max() <= 0.01 * ref.abs().max()
     # greedy choices: the sharp model (x10 weights amplifies any error) along its own fp32 greedy text
     model = checkpoint.load_model(sharp_checkpoint)
-    seq = torch.tensor([prompts[0] + engine.generate(prompts[:1], [tg.SamplingParams(64, temperature=0)])[0].token_ids])
+    seq = torch.tensor([prompts[0] + engine.generate(prompts[:1], [SamplingParams(64, temperature=0)])[0].token_ids])
     with torch.no_grad():
         ref = model(seq)
         int8 = checkpoint.quantize_int8(model)
@@ -301,7 +307,7 @@ def test_int8_close_to_fp32_and_its_checkpoint_round_trips(engine, tiny_checkpoi
     with torch.no_grad():
         assert torch.equal(loaded(seq), out)
     fp32 = engine.generate(prompts, [GREEDY] * len(prompts))
-    q = tg.Engine(path, device="cpu").generate(prompts, [GREEDY] * len(prompts))
+    q = Engine(path, device="cpu").generate(prompts, [GREEDY] * len(prompts))
     agree = [sum(a == b for a, b in zip(x.token_ids, y.token_ids)) / len(x.token_ids) for x, y in zip(fp32, q)]
     assert sum(agree) / len(agree) >= 0.5  # free-running: one different token changes everything after it
     assert all(c.token_ids == full_recompute_greedy(loaded, p, 16, engine.end_tokens) for p, c in zip(prompts, q))
@@ -317,7 +323,7 @@ def test_unknown_quantization_is_refused(sharp_checkpoint, tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="gptq"):
         checkpoint.load_model(tmp_path / "c")
     with pytest.raises(cli.UserError, match="int4"):
-        tg.Engine(sharp_checkpoint, device="cpu", quantize="int4")
+        Engine(sharp_checkpoint, device="cpu", quantize="int4")
 
 
 # -----------------------------------------------------------------------------
@@ -342,6 +348,7 @@ def test_one_shot_prompts(sharp_checkpoint, tmp_path, capsys):
     (["--temperature=-1"], "temperature"),
     (["--prompt= "], "empty"),
     (["--quantize=int3"], "int3"),
+    (["--draft=x", "--temperature=0.7"], "temperature=0"),
 ])
 def test_cli_errors(sharp_checkpoint, flags, message):
     argv = ([] if any(f.startswith("--checkpoint") for f in flags) else [f"--checkpoint={sharp_checkpoint}"]) + flags
@@ -389,10 +396,48 @@ def test_interactive_session_through_a_terminal(sharp_checkpoint):
 
 @pytest.mark.slow
 def test_compiled_decode_step_same_tokens_no_recompile_per_token(sharp_checkpoint, engine, prompts):
-    compiled = tg.Engine(sharp_checkpoint, device="cpu", compile=True)
-    batch, params = [prompts[0], prompts[1]], [tg.SamplingParams(max_new_tokens=12, temperature=0)] * 2
+    compiled = Engine(sharp_checkpoint, device="cpu", compile=True)
+    batch, params = [prompts[0], prompts[1]], [SamplingParams(max_new_tokens=12, temperature=0)] * 2
     assert compiled.generate(batch, params) == engine.generate(batch, params)
     # other prompts, same batch size and cache bucket: the compiled step is reused, token after token
     with torch._dynamo.config.patch(error_on_recompile=True):
         again = compiled.generate([prompts[2], prompts[0]], params)
     assert again == engine.generate([prompts[2], prompts[0]], params)
+
+
+# -----------------------------------------------------------------------------
+# Speculative decoding
+
+
+@pytest.fixture(scope="module")
+def other_draft(tmp_path_factory, tiny_tokenizer):
+    """Another random tiny model with the same tokenizer: a draft that guesses wrong most of the time."""
+    return make_checkpoint(tmp_path_factory.mktemp("draft") / "ckpt", tiny_tokenizer, seed=1)
+
+
+@pytest.mark.parametrize("draft_tokens", [1, 3, 6])
+def test_speculative_equals_plain_greedy(engine, sharp_checkpoint, other_draft, prompts, draft_tokens):
+    """With a poor draft (most guesses rejected) and with the target as its own draft (every guess kept),
+    the tokens and the reason to stop are plain greedy's, up to the end of the context."""
+    same = Engine(sharp_checkpoint, device="cpu")
+    for draft in (Engine(other_draft, device="cpu"), same):
+        for prompt, n in ((prompts[0], 40), (prompts[1], 1), (prompts[3], engine.max_seq_len)):
+            params = SamplingParams(max_new_tokens=n, temperature=0)
+            plain = engine.generate([prompt], [params])[0]
+            stats = DraftStats()
+            events = list(speculative_stream(engine, draft, prompt, params, draft_tokens, stats))
+            assert [e.token_id for e in events] == plain.token_ids
+            assert "".join(e.text_delta for e in events) == plain.text
+            assert events[-1].finish_reason == plain.finish_reason
+            if draft is same and len(plain.token_ids) > draft_tokens + 1:
+                assert stats.acceptance == 1 and stats.target_passes < len(plain.token_ids)
+
+
+def test_speculative_command_line(sharp_checkpoint, other_draft, capsys):
+    argv = [f"--checkpoint={sharp_checkpoint}", "--prompt=The quick brown fox", "--max_new_tokens=12",
+            "--temperature=0"]
+    tg.main(argv)
+    plain = capsys.readouterr().out
+    tg.main(argv + [f"--draft={other_draft}", "--draft_tokens=3"])
+    out, err = capsys.readouterr()
+    assert out == plain and "guesses kept" in err

@@ -5,7 +5,7 @@ Training (gpu_training_optimized.main, as the command line calls it): bf16 steps
 (what COMPILE_MODE=auto picks on CUDA) equal eager ones within bf16's rounding; a resumed run is exact in bf16
 and in fp16 with its GradScaler, and the CUDA RNG state comes back as saved; running out of GPU memory is one
 line naming the knobs and the last checkpoint; the log has NVML's figures and a data-sheet MFU; DDP and FSDP2
-(bf16) train as one process under torchrun with NCCL. Decoding (text_generator.Engine, fp32): eager on CUDA
+(bf16) train as one process under torchrun with NCCL. Decoding (engine.Engine, fp32): eager on CUDA
 gives the CPU's greedy tokens, and compiled, CUDA graphs and int8 compiled give eager's. The tiny model
 throughout: these prove the paths are right, the report measures them.
 
@@ -30,9 +30,9 @@ import checkpoint
 import cli
 import gpu_training_optimized as train
 import modern_llm
-import text_generator as tg
 import training_state
 from conftest import ROOT
+from engine import Engine
 from muon_optimizer import build_optimizer
 from test_distributed import data_root, free_port, losses, weights  # noqa: F401 (data_root: a fixture)
 from test_distributed import flags as cpu_flags
@@ -187,25 +187,25 @@ def test_eager_decoding_on_cuda_gives_the_cpu_tokens(sharp_checkpoint, engine, p
     are transformers' (tests/test_generator.py)."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     params = [GREEDY] * len(prompts)
-    assert tg.Engine(sharp_checkpoint, "cuda", "float32").generate(prompts, params) == engine.generate(prompts, params)
-    cpu_int8 = tg.Engine(sharp_checkpoint, "cpu", "float32", "int8")
-    cuda_int8 = tg.Engine(sharp_checkpoint, "cuda", "float32", "int8")
+    assert Engine(sharp_checkpoint, "cuda", "float32").generate(prompts, params) == engine.generate(prompts, params)
+    cpu_int8 = Engine(sharp_checkpoint, "cpu", "float32", "int8")
+    cuda_int8 = Engine(sharp_checkpoint, "cuda", "float32", "int8")
     assert cuda_int8.generate(prompts, params) == cpu_int8.generate(prompts, params)
 
 
-def cuda_graph_engine(path) -> tg.Engine:
+def cuda_graph_engine(path) -> Engine:
     """The engine's own decode step compiled with mode=reduce-overhead, which replays it as a CUDA graph (not a
     text_generator.py flag yet: this shows whether it would hold)."""
-    e = tg.Engine(path, "cuda", "float32")
+    e = Engine(path, "cuda", "float32")
     e._decode = torch.compile(e._decode_step, mode="reduce-overhead", dynamic=False)
     return e
 
 
 DECODE_PATHS = {  # name: (the engine, its eager twin)
-    "compiled": (lambda p: tg.Engine(p, "cuda", "float32", compile=True), lambda p: tg.Engine(p, "cuda", "float32")),
-    "cuda graphs": (cuda_graph_engine, lambda p: tg.Engine(p, "cuda", "float32")),
-    "int8 compiled": (lambda p: tg.Engine(p, "cuda", "float32", "int8", True),
-                      lambda p: tg.Engine(p, "cuda", "float32", "int8")),
+    "compiled": (lambda p: Engine(p, "cuda", "float32", compile=True), lambda p: Engine(p, "cuda", "float32")),
+    "cuda graphs": (cuda_graph_engine, lambda p: Engine(p, "cuda", "float32")),
+    "int8 compiled": (lambda p: Engine(p, "cuda", "float32", "int8", True),
+                      lambda p: Engine(p, "cuda", "float32", "int8")),
 }
 
 

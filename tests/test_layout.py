@@ -12,13 +12,15 @@ SCRIPTS = sorted(p for p in ROOT.glob("*.py")) + sorted((ROOT / "benchmarks").gl
 PROJECT = {p.stem for p in ROOT.glob("*.py")} | {f"benchmarks.{p.stem}" for p in (ROOT / "benchmarks").glob("*.py")}
 
 # Each file may import only from files below it: the command-line convention, the model, the checkpoint format,
-# data, then training and generation, then the server; measurements (benchmarks/ and their entry point) may
-# import anything.
+# data and sampling, the generation engine, then training and generation, then the server; measurements
+# (benchmarks/ and their entry point) may import anything.
 LAYERS = [
     {"cli", "cross_entropy"},
     {"modern_llm", "muon_optimizer", "schedule"},
     {"checkpoint", "corpora", "distributed", "monitor"},
-    {"prepare_data", "training_state"},
+    {"prepare_data", "training_state", "sampling"},
+    {"engine"},
+    {"speculative"},
     {"gpu_training_optimized", "text_generator", "evaluate_model", "export_model", "serve_requests"},
     {"serve"},
     {"speed_optimizations_2025"} | {m for m in PROJECT if m.startswith("benchmarks.")},

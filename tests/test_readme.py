@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import shutil
 import shlex
 import subprocess
 import sys
@@ -244,6 +245,7 @@ def workdir(tmp_path_factory, tiny_tokenizer):
     mp.chdir(path)
     work = Workdir(path)
     run_command(work, DEFAULT_RUN)
+    shutil.copytree(path / "out", path / "out_tiny")  # the draft the README trains (runs here go to runs/N)
     yield work
     mp.undo()
     if work.server:

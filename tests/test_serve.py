@@ -13,8 +13,8 @@ import openai
 import pytest
 
 import serve
-import text_generator
-from text_generator import Engine, SamplingParams, chat_prompt_ids
+from engine import Engine, chat_prompt_ids
+from sampling import SamplingParams
 
 KEY = "sk-test"
 
@@ -199,7 +199,7 @@ def test_rows_join_a_running_batch_and_get_what_they_would_alone(engine, packed,
     """The engine's Batch, stepped by hand: rows arrive at different steps, wait while the batch is full, are
     cancelled, have different lengths and sampling; every finished row has exactly the tokens it has alone."""
     if not packed:
-        monkeypatch.setattr(text_generator, "PACKED_STEP_SLOTS", 0)
+        monkeypatch.setattr("engine.PACKED_STEP_SLOTS", 0)
     enc = lambda text: serve.encode(engine.tokenizer, text)  # noqa: E731
     rows = {
         "greedy": (enc("Hello"), SamplingParams(max_new_tokens=30, temperature=0)),

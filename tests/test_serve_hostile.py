@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 import serve
+from engine import Engine
 from serve_requests import CallerGuard
-from text_generator import Engine
 
 TIMEOUT_S = 1.0  # the servers here give headers and bodies one second
 
