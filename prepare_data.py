@@ -117,6 +117,10 @@ def load_tokenizer(name_or_path: str | Path):
 
     if looks_like_path(str(name_or_path)) and not Path(name_or_path).exists():  # else it would ask the hub
         raise UserError(f"cannot load tokenizer {str(name_or_path)!r}: no such folder", "Tokenizer and vocabulary")
+    if Path(name_or_path).is_dir() and not (Path(name_or_path) / "tokenizer.json").exists():
+        from checkpoint import list_checkpoints  # a run's OUT_DIR before its final save: its newest checkpoint's
+
+        name_or_path = next(reversed(list_checkpoints(name_or_path)), name_or_path)
     try:
         return AutoTokenizer.from_pretrained(str(name_or_path))
     except Exception as e:  # a damaged tokenizer.json raises anything: KeyError, or the Rust library's Exception

@@ -49,7 +49,7 @@ def chat_model(tmp_path_factory, tiny_tokenizer):
         m for q, a in chat for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]}) + "\n"
         for chat in chats))
     assert train.main([f"--init_from={init}", f"--dataset={tmp / 'chats.jsonl'}", f"--data_root={tmp / 'data'}",
-                       f"--out_dir={tmp / 'out'}", "--max_steps=100", "--batch_size=8", "--seq_len=96", "--lr=1e-2",
+                       f"--out_dir={tmp / 'out'}", "--max_steps=120", "--batch_size=8", "--seq_len=96", "--lr=1e-2",
                        "--warmup_steps=5", "--dtype=float32", "--compile=false", "--max_minutes=0", "--eval_steps=1",
                        "--eval_interval=1000", "--log_interval=1000"]) == 0
     assert checkpoint.trained_on_chats(tmp / "out")  # --task=auto saw chat data and the run recorded it

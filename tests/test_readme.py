@@ -6,7 +6,6 @@ import io
 import json
 import os
 import re
-import shutil
 import shlex
 import subprocess
 import sys
@@ -191,14 +190,14 @@ class Workdir:
     def __init__(self, path: Path):
         self.path, self.runs, self.server, self.url, self.done = path, 0, None, None, set()
 
-    def fresh_dir(self) -> Path:
+    def fresh_dir(self, out: str) -> Path:
         """A folder of its own for a new training run, since README lines are alternatives and a run never
-        overwrites another: the files the commands name and the data/ cache, linked; no out/."""
+        overwrites another: the files the commands name and the data/ cache, linked; not the run's own `out`."""
         self.runs += 1
         path = self.path / "runs" / str(self.runs)
         path.mkdir(parents=True)
         for entry in self.path.iterdir():
-            if entry.name not in ("runs", "out"):
+            if entry.name not in ("runs", out):
                 (path / entry.name).symlink_to(entry)
         return path
 
@@ -245,7 +244,6 @@ def workdir(tmp_path_factory, tiny_tokenizer):
     mp.chdir(path)
     work = Workdir(path)
     run_command(work, DEFAULT_RUN)
-    shutil.copytree(path / "out", path / "out_tiny")  # the draft the README trains (runs here go to runs/N)
     yield work
     mp.undo()
     if work.server:
@@ -317,7 +315,8 @@ def run_torchrun(work: Workdir, words: list[str], env: dict) -> None:
     flags = work.rewrite(script, flags)
     launcher = words[1:words.index(args.training_script)]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", *launcher, str(ROOT / script), *flags],
-                            cwd=work.fresh_dir(), env=subprocess_env(env), capture_output=True, text=True,
+                            cwd=work.fresh_dir(flag(flags, "out_dir") or "out"), env=subprocess_env(env),
+                            capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -369,7 +368,8 @@ def run_command(work: Workdir, command: str) -> None:
         if script == "serve.py":
             start_server(work, flags)
         else:
-            run_python(script, flags, env, work.fresh_dir() if new_run and (work.path / "out").exists() else None)
+            out = flag(flags, "out_dir") or "out"
+            run_python(script, flags, env, work.fresh_dir(out) if new_run and (work.path / out).exists() else None)
     elif program == "pip":
         check_pip(words)
     elif program == "torchrun":
