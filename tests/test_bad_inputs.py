@@ -300,8 +300,9 @@ INTERRUPTS = [
     Interrupt("training-loop", "gpu_training_optimized.py", ["--model=tiny", "--seq_len=32", "--max_steps=100000",
               "--compile=false", "--device=cpu", "--dataset={fx}/good.txt", "--vocab_size=300",
               "--eval_interval=100000", "--checkpoint_interval=100000", "--log_interval=1"], "step"),
+    # greedy: this random model then decodes all 4000 tokens (sampled, it may draw an end token within a second)
     Interrupt("generate", "text_generator.py", ["--checkpoint={fx}/long", "--device=cpu", "--prompt=Hello",
-              "--max_new_tokens=4000"], ""),
+              "--max_new_tokens=4000", "--temperature=0"], ""),
     Interrupt("export-onnx", "export_model.py", ["--checkpoint={fx}/ckpt", "--format=onnx", "--out=onnx"],
               "exporting"),
     Interrupt("evaluate", "evaluate_model.py", ["--checkpoint={fx}/long", "--device=cpu", "--dataset={fx}/big.txt",
@@ -333,6 +334,7 @@ def run_until(cmd: list, cwd: Path, env: dict, marker: str) -> tuple[int, str, s
             raise AssertionError(f"{marker!r} never showed:\n{seen.decode(errors='replace')[-2000:]}")
         seen += chunk
     time.sleep(0.3)  # well inside the phase
+    assert p.poll() is None, f"it ended before Ctrl-C (exit {p.returncode}): the phase was too short to interrupt"
     p.send_signal(signal.SIGINT)
     rest, _ = p.communicate(timeout=120)
     return p.returncode, (seen + rest).decode(errors="replace"), rest.decode(errors="replace")
