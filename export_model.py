@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from checkpoint import CONFIG_FILE, is_int8, load_model, quantize_int8, resolve_checkpoint, save_int8_checkpoint
-from cli import UserError, check_output_path, parse_flags, run_main, settings_block
+from cli import UserError, check_output_path, parse_flags, run_main, settings_block, stop_requests
 from modern_llm import count_params
 
 CHECKPOINT = "out"  # checkpoint directory, or a training run's OUT_DIR (meaning its newest checkpoint)
@@ -112,11 +112,15 @@ def export_onnx(model: nn.Module, out_dir: Path, kv_cache: bool) -> None:
     ids = torch.zeros(2, 8, dtype=torch.long)
     # The exporter's chatter (skipped torchvision ops, deprecations inside torch) says nothing about this model.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
+    # Ctrl-C waits for the export under way to return: a KeyboardInterrupt raised inside torch.export's tracing
+    # crashed the process (SIGSEGV) instead of stopping it; a second Ctrl-C interrupts at once.
+    with warnings.catch_warnings(), stop_requests() as stop:
         warnings.filterwarnings("ignore", module=r"torch\.|copyreg")
         torch.onnx.export(model, (ids,), str(out_dir / ONNX_FILE), input_names=["input_ids"],
                           output_names=["logits"], dynamic_shapes={"idx": {0: batch, 1: seq}}, dynamo=True,
                           external_data=external, verbose=False)
+        if stop:
+            raise KeyboardInterrupt
         if kv_cache:
             n = cfg.n_layer
             torch.onnx.export(DecoderWithPast(model).eval(), (ids, empty_past(cfg, 2, 3)),
@@ -126,6 +130,8 @@ def export_onnx(model: nn.Module, out_dir: Path, kv_cache: bool) -> None:
                               dynamic_shapes={"input_ids": {0: batch, 1: seq},
                                               "past": [{0: batch, 2: past}] * (2 * n)},
                               dynamo=True, external_data=external, verbose=False)
+            if stop:
+                raise KeyboardInterrupt
 
 
 def max_error(got, want: torch.Tensor) -> float:
