@@ -559,8 +559,9 @@ def one_step(run: Run, step: int) -> tuple[tuple[float, float] | None, float]:
     """One optimizer step at the schedule's learning rate, on the micro-batches of (seed, step): (loss, gradient
     norm) or None if it was skipped as non-finite, and the seconds it took."""
     cfg = run.cfg
+    factor = run.schedule.factor(step)  # once a step: each call moves the decay on
     for g in run.optimizer.param_groups:
-        g["lr"] = g["base_lr"] * run.schedule.factor(step)
+        g["lr"] = g["base_lr"] * factor
     t = time.time()
     try:
         micro = [run.train_data.get_batch(step, m, run.device) for m in range(cfg["grad_accum"])]

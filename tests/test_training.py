@@ -5,6 +5,7 @@ leave OUT_DIR as it was. Tiny model, fp32, one thread (two threads fighting othe
 
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -94,6 +95,19 @@ def test_loss_falls_well_below_the_unigram_entropy(trained_run, data_root):
     assert evals[-1]["val_bpb"] < evals[0]["val_bpb"]
     assert [s for s, _ in losses(trained_run)] == list(range(1, 101))
     assert (trained_run / "loss.png").stat().st_size > 1000
+
+
+def test_the_learning_rate_keeps_its_closed_form_with_several_param_groups(trained_run):
+    """Muon's and AdamW's param groups share one schedule, moved on once per step: the logged rate is the fixed-
+    length cosine over the 100 steps (it decayed ~3x too fast when every group moved the schedule on)."""
+    lrs = {r["step"] - 1: r["lr"] for r in metrics(trained_run) if "lr" in r}  # a record's step is the one after
+    assert sorted(lrs) == list(range(100))
+    peak, floor, warmup = 1e-2, lrs[99] / 1e-2, 5
+    for step, lr in lrs.items():
+        p = max(0, step - warmup) / (99 - warmup)
+        want = (step + 1) / warmup if step < warmup else floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
+        assert lr == pytest.approx(peak * want, rel=1e-6), step
+    assert floor < 0.5
 
 
 def test_final_model_is_a_hugging_face_directory(trained_run):
