@@ -29,6 +29,7 @@ import torch
 import gpu_training_optimized as training
 from cli import UserError, parse_flags, pick_device, pick_dtype, run_main, settings_block
 from distributed import World
+from schedule import Schedule
 
 BUDGETS = [40.0, 100.0]  # CPU seconds of training per trial (repeatable flag); each trial runs at every budget
 # Trials: "name setting=value ...", settings of gpu_training_optimized.py (on top of its cpu preset) or of
@@ -88,30 +89,31 @@ def run_trial(name: str, flags: list[str], extra: dict, budget: float, cfg_all: 
     cfg, typed = trial_settings(flags, cfg_all["seed"], out, cfg_all["data_root"], cfg_all["warmup_scale"])
     device = pick_device("cpu")
     dtype = pick_dtype(cfg["dtype"], device)
-    run = training.setup(cfg, set(typed), typed, None, {}, device, World(), "cpu", dtype)
+    run = training.setup(cfg, None, {}, None, device, World(), "cpu", dtype)
     if extra:  # optimizer variants the training script does not expose as flags
         from muon_optimizer import build_optimizer
 
         run.optimizer = build_optimizer(run.model, cfg["optimizer"], lr=cfg["lr"],
                                         weight_decay=cfg["weight_decay"], **extra)
-    run.max_steps = None
+    run.schedule = Schedule(cfg, None)  # its length is set once the step cost is measured
     cpu0, wall0 = time.process_time(), time.time()
     step, mark = 0, None
-    while run.max_steps is None or step < run.max_steps:
+    while run.schedule.length is None or step < run.schedule.length:
         result, _ = training.one_step(run, step)
         step += 1
         if result is None or not math.isfinite(result[0]):
             break
         if step == 2:
             mark = time.process_time()
-        elif run.max_steps is None and step == 2 + cfg_all["measure_steps"]:
+        elif run.schedule.length is None and step == 2 + cfg_all["measure_steps"]:
             per_step = (time.process_time() - mark) / cfg_all["measure_steps"]
-            run.max_steps = step + max(1, int((budget - (time.process_time() - cpu0)) / per_step))
+            run.schedule.length = step + max(1, int((budget - (time.process_time() - cpu0)) / per_step))
     cpu, wall = time.process_time() - cpu0, time.time() - wall0
     ev = training.evaluate(run.model, run.val_data, cfg["eval_steps"], run.autocast, device, run.bytes_per_token)
     return {"trial": name, "budget_cpu_s": budget, "steps": step, "tokens": step * run.tokens_per_step,
             "val_bpb": ev["val_bpb"], "val_loss": ev["val_loss"], "cpu_s": cpu, "wall_s": wall,
-            "warmup_steps": cfg["warmup_steps"],
+            "warmup_steps": cfg["warmup_steps"], "planned_steps": run.schedule.length,
+            "end_lr": run.optimizer.param_groups[0]["lr"], "min_lr": cfg["min_lr"],
             "settings": " ".join([*flags, *(f"{k}={v}" for k, v in extra.items())]) or "(cpu preset)"}
 
 

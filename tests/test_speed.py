@@ -142,3 +142,17 @@ def test_vs_transformers_report_runs_every_row(capsys):
 def test_report_bad_flags_are_user_errors(report, flags, message):
     with pytest.raises(UserError, match=message):
         speed.main([report, *flags])
+
+
+def test_a_recipe_trial_trains_its_planned_steps_down_to_min_lr(tmp_path, capsys):
+    """A trial is a shortened default run: its length is planned from the measured step cost, and the
+    learning rate reaches MIN_LR at its last step, as in a --max_minutes run."""
+    from benchmarks import recipe
+
+    trial = "tiny model=tiny seq_len=32 batch_size=4 vocab_size=300 compile=false"
+    assert recipe.main([f"--trials={trial}", "--budgets=3", f"--out_dir={tmp_path}",
+                        f"--data_root={tmp_path / 'data'}", "--threads=1"]) == 0
+    (row,) = json.loads((tmp_path / "results.json").read_text())
+    assert row["steps"] == row["planned_steps"] > 2 + recipe.MEASURE_STEPS
+    assert row["end_lr"] == pytest.approx(row["min_lr"]) and row["val_bpb"] > 0
+    assert "tiny" in capsys.readouterr().out
