@@ -103,17 +103,20 @@ HARDWARE = {
     # (modded-nanogpt's cooldown_frac=0.4; nanochat's base_train warmdown_ratio is 0.2-0.5). Both also train the
     # hidden matrices with Muon; that is left to --optimizer=muon here until a GPU run confirms it, since it also
     # changes the memory plan (Muon keeps one moment per matrix where AdamW keeps two).
-    # Their batches (~0.5M tokens on 8 H100s) do not fit one card, so batch and lr stay sized to each card.
+    # Peak learning rates by model size from GPT-3's measured table (Brown et al. 2020, Table 2.1: 125M 6e-4, 760M
+    # 2.5e-4, 1.3B 2e-4), decayed to 10% of the peak as there. Their batches (0.5-1M tokens) do not fit one card;
+    # each preset's batch is what fits its card (the memory plan), and the 100-step warm-up is this script's
+    # default, from no anchor.
     "rtx3060": dict(memory_gib=8, model="125m", vocab_size=32000, batch_size=4, grad_accum=8, seq_len=1024, lr=6e-4,
                     min_lr=6e-5, **GPU_RECIPE),
     # the reference: 730m at seq 384, micro-batch 5 x 8; predicted 11.4 GiB of the 11.5 usable (not yet measured on
     # a GPU): activation checkpointing goes on by itself where less is free (9.7 GiB predicted with it)
     "rtx4070ti": dict(memory_gib=12, model="730m", vocab_size=32000, batch_size=5, grad_accum=8, seq_len=384,
-                      lr=3e-4, min_lr=3e-5, **GPU_RECIPE),
+                      lr=2.5e-4, min_lr=2.5e-5, **GPU_RECIPE),
     "rtx4090": dict(memory_gib=24, model="730m", vocab_size=32000, batch_size=16, grad_accum=4, seq_len=384,
-                    lr=3e-4, min_lr=3e-5, **GPU_RECIPE),
-    "h100": dict(memory_gib=80, model="1.5b", vocab_size=32000, batch_size=4, grad_accum=8, seq_len=2048, lr=3e-4,
-                 min_lr=3e-5, **GPU_RECIPE),
+                    lr=2.5e-4, min_lr=2.5e-5, **GPU_RECIPE),
+    "h100": dict(memory_gib=80, model="1.5b", vocab_size=32000, batch_size=4, grad_accum=8, seq_len=2048, lr=2e-4,
+                 min_lr=2e-5, **GPU_RECIPE),
 }
 # --init_from: defaults for starting from trained weights (flags win; they go before the hardware preset's): a
 # learning rate ~10x below pretraining's, so the updates refine what the model knows instead of overwriting it,
