@@ -182,11 +182,21 @@ class Engine:
         self.generator = torch.Generator(self.device)
         self.generator.seed()  # a fresh random seed; rows with their own seed do not use it
         self._lock = threading.Lock()
-        self._decode = self._decode_step
-        if compile:
-            # Each number of live rows is its own static graph; allow enough of them before falling back.
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            self._decode = torch.compile(self._decode_step, dynamic=False)
+        self._decode = self._compiled_decode(self.device) if compile else self._decode_step
+
+    def _compiled_decode(self, device: torch.device) -> Callable:
+        """The decode step compiled for its static shapes; on CUDA also replayed as a CUDA graph (gpt-fast's
+        design: one launch per token instead of one per kernel, the KV cache updated in place inside it)."""
+        # Each number of live rows is its own static graph; allow enough of them before falling back.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        step = torch.compile(self._decode_step, dynamic=False,
+                             mode="reduce-overhead" if device.type == "cuda" else "default")
+
+        def decode(*args):
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are used up: its buffers may be reused
+            return step(*args)
+
+        return decode
 
     # -- the model steps ---------------------------------------------------------------------------------------
     def span(self, positions: int) -> int:
