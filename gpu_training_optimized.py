@@ -91,11 +91,11 @@ HARDWARE = {
     # compile on: on the shared 2-core CPU a compiled step of `small` took 0.66-0.72x the eager one's CPU time
     # (bf16, fused AdamW) and compiling ~60 s, so it pays after ~3 of the 6 minutes (inductor's cache makes
     # later starts quicker); `python speed_optimizations_2025.py vs_transformers` shows both.
-    # optimizer muon (Polar Express Newton-Schulz, batched per shape): `python speed_optimizations_2025.py recipe`
-    # on the 2-core EPYC, shared (load 10-17), 1 thread, equal CPU time, warm-up scaled to the trial: bits/byte
-    # 2.623 vs AdamW's 2.635 at 45 CPU s, 2.480 vs 2.592 at 100 CPU s (39 vs 52 steps). lr 4e-3 lost (2.717 at
-    # 45 CPU s), vocab 4096 lost (2.903 vs 2.652 at 45 CPU s, 30-step warm-up); the rest is unchanged, not re-tuned.
-    "cpu": dict(memory_gib=None, model="small", batch_size=8, grad_accum=1, seq_len=256, lr=2e-3, min_lr=2e-4,
+    # optimizer muon (Polar Express Newton-Schulz, batched per shape) at lr 3e-3: `python speed_optimizations_2025.py
+    # recipe` (2-core EPYC, 1 thread, equal CPU time, 2026-12-04), bits/byte after 90 / 270 CPU s: Muon lr 3e-3
+    # 2.409 / 2.192, Muon 2e-3 2.455 / 2.200, Muon at batch 16 2.489 / 2.224, AdamW 2e-3 2.581 / 2.312, AdamW 3e-3
+    # 2.545 / 2.371, vocab 4096 (Muon 2e-3) 2.638 / 2.343.
+    "cpu": dict(memory_gib=None, model="small", batch_size=8, grad_accum=1, seq_len=256, lr=3e-3, min_lr=3e-4,
                 warmup_steps=30, optimizer="muon", max_steps=0, max_minutes=6.0, compile=True, eval_interval=100,
                 eval_steps=10, checkpoint_interval=100, log_interval=100),
     # GPU presets: NOT measured here (no GPU run has confirmed them). The schedule (**GPU_RECIPE) follows the
@@ -210,8 +210,8 @@ def plan_memory(cfg: dict, fixed: set[str], model_cfg, device: torch.device, pre
     activation checkpointing on where that is what makes the run fit (unless the user said no); refuse, naming
     the knobs, a run that cannot fit. Before any data work (a BPE trained here has at most --vocab_size tokens)."""
     def predict(checkpointing: bool) -> dict:
-        return estimate_training_memory(model_cfg, cfg["batch_size"], cfg["seq_len"], cfg["optimizer"],
-                                        checkpointing, dtype not in (None, torch.float32), world.size, cfg["parallel"] == "fsdp")
+        return estimate_training_memory(model_cfg, cfg["batch_size"], cfg["seq_len"], cfg["optimizer"], checkpointing,
+                                        dtype not in (None, torch.float32), world.size, cfg["parallel"] == "fsdp")
 
     budget, where = memory_budget(device, preset)
     if device.type == "cpu" and world.local_size > 1:  # the processes on one machine share its RAM
