@@ -4,8 +4,12 @@ checkpoints, empty and binary data, NaN and huge numbers, unknown flags and choi
 line naming the fix, exit code 2, no traceback, and every file that was there before unchanged with nothing new
 left behind. Ctrl-C in each long phase exits 130 with one line and leaves only complete files.
 
-Each case runs in its own copy of the fixtures, two at a time (a subprocess spends most of its time importing
-torch), so a case that wrote into a fixture is caught and named."""
+Each case runs in its own copy of the fixtures, two at a time, so a case that wrote into a fixture is caught and
+named. A fresh interpreter would spend most of a case importing torch (about 3 s, ~90 times), so the cases run in
+children forked from a process that imported everything once (tests/forkserver.py), set up as the interpreter sets
+up `python script.py ARGS`; a few cases, one per script, also run in fresh interpreters and must answer the same,
+which keeps the shortcut honest. The Ctrl-C cases run as real subprocesses: signals and their timing are the point
+there."""
 
 import hashlib
 import os
@@ -15,12 +19,13 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from conftest import ROOT, SAMPLE_TEXT, make_checkpoint
+from forkserver import ForkServers
 
 UNWRITABLE = "/proc/bad-inputs-test"  # writable by nobody, root included (chmod would not stop root)
 
@@ -31,7 +36,6 @@ class Case:
     args: list  # str, or bytes for an argument that is not UTF-8; "{fx}" is the fixtures folder
     message: str  # the part of the error line that names the problem or its fix
     id: str = ""
-    env: dict = field(default_factory=dict)
 
 
 TG = ["--checkpoint={fx}/ckpt", "--device=cpu", "--prompt=Hello"]  # text_generator.py, a good command to spoil
@@ -151,6 +155,12 @@ CASES = [
 ]
 for case in CASES:
     case.id = f"{Path(case.script).stem}-{case.id}"
+# Run in fresh interpreters too, to show the fork server answers as they do: one case per script, among them the
+# arguments that are not UTF-8 and the errors found deep in the libraries (a tokenizer, safetensors)
+FRESH = ["text_generator-prompt-not-utf8", "prepare_data-data-path-not-utf8", "gpu_training_optimized-tok-corrupt",
+         "export_model-corrupt-weights", "evaluate_model-cut-weights", "serve-api-key-not-utf8",
+         "speed_optimizations_2025-out-unwritable"]
+TIMEOUT = 300  # seconds a case may take to refuse its input
 
 
 # -----------------------------------------------------------------------------
@@ -226,33 +236,57 @@ def environment(tmp: Path) -> dict:
             "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp / "hf-datasets-cache")}
 
 
-def run_case(case: Case, fixtures: Path, tmp: Path) -> dict:
+def run_fresh(argv: list, cwd: Path, env: dict, timeout: float) -> tuple[int | None, bytes, bytes]:
+    """What ForkServers.run gives, from a new interpreter."""
+    try:
+        r = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, b"", b""
+    return r.returncode, r.stdout, r.stderr
+
+
+def run_case(case: Case, fixtures: Path, tmp: Path, run=run_fresh) -> dict:
     """The case in a fresh copy of the fixtures, run from an empty working folder beside them."""
     work = tmp / case.id
     shutil.copytree(fixtures, work / "fx")
     before = tree_hashes(work)
-    try:
-        r = subprocess.run(command(case, work / "fx"), cwd=work, capture_output=True, timeout=300,
-                           env={**environment(tmp), **case.env})
-        out = {"code": r.returncode, "stdout": r.stdout.decode(errors="replace"),
-               "stderr": r.stderr.decode(errors="replace")}
-    except subprocess.TimeoutExpired:
-        out = {"code": None, "stdout": "", "stderr": "timed out: the bad input was not refused"}
+    code, stdout, stderr = run(command(case, work / "fx"), work, environment(tmp), TIMEOUT)
+    if code is None:
+        stderr = b"timed out: the bad input was not refused"
+    out = {"code": code, "stdout": stdout.decode(errors="replace"), "stderr": stderr.decode(errors="replace")}
     out["before"], out["after"] = before, tree_hashes(work)
     shutil.rmtree(work)
     return out
 
 
+def selected(request, test=None) -> list[Case]:
+    """The cases this session runs (of one test, or of every test here), -k and all."""
+    ids = {item.callspec.params["case"].id for item in request.session.items
+           if item.module is request.module and hasattr(item, "callspec") and "case" in item.callspec.params
+           and (test is None or item.originalname == test.__name__)}
+    return [c for c in CASES if c.id in ids]
+
+
 @pytest.fixture(scope="module")
-def results(fixtures, tmp_path_factory, request) -> dict[str, dict]:
-    """Every selected case's outcome, run two at a time."""
-    wanted = {item.callspec.params["case"].id for item in request.session.items
-              if item.module is request.module and hasattr(item, "callspec") and "case" in item.callspec.params}
-    tmp = tmp_path_factory.mktemp("cases")
-    todo = [c for c in CASES if c.id in wanted]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        outcomes = pool.map(lambda c: run_case(c, fixtures, tmp), todo)
-        return dict(zip((c.id for c in todo), outcomes))
+def cases_tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cases")
+
+
+@pytest.fixture(scope="module")
+def results(fixtures, cases_tmp, request) -> dict[str, dict]:
+    """Every selected case's outcome, run two at a time in children of two fork servers."""
+    todo = selected(request)
+    with ForkServers(2, environment(cases_tmp), cases_tmp / "output") as servers, ThreadPoolExecutor(2) as pool:
+        return dict(zip((c.id for c in todo), pool.map(lambda c: run_case(c, fixtures, cases_tmp, servers.run), todo)))
+
+
+@pytest.fixture(scope="module")
+def fresh_results(results, fixtures, cases_tmp, request) -> dict[str, dict]:
+    """The FRESH cases' outcomes from new interpreters, once the forked ones are done: in the same folders, which
+    the error lines name."""
+    todo = selected(request, test_fork_server_answers_as_a_fresh_interpreter)
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip((c.id for c in todo), pool.map(lambda c: run_case(c, fixtures, cases_tmp), todo)))
 
 
 def one_error_line(stderr: str) -> str:
@@ -267,6 +301,8 @@ def test_enough_cases_for_every_script():
     per_script = {s: sum(c.script == s for c in CASES) for s in {c.script for c in CASES}}
     assert len(CASES) >= 60 and len(per_script) == 7 and min(per_script.values()) >= 5, per_script
     assert len({c.id for c in CASES}) == len(CASES)
+    fresh = [c for c in CASES if c.id in FRESH]
+    assert len(fresh) == len(FRESH) and {c.script for c in fresh} == set(per_script), FRESH
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -277,6 +313,13 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, results):
     line = one_error_line(r["stderr"])
     assert case.message in line and "(see README: " in line, line
     assert r["after"] == r["before"], sorted(set(r["after"].items()) ^ set(r["before"].items()))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in FRESH], ids=lambda c: c.id)
+def test_fork_server_answers_as_a_fresh_interpreter(case, results, fresh_results):
+    forked, fresh = results[case.id], fresh_results[case.id]
+    assert fresh["code"] == 2 and "error: " in fresh["stderr"], fresh  # a case that really failed in its own way
+    assert [forked[k] for k in ("code", "stdout", "stderr")] == [fresh[k] for k in ("code", "stdout", "stderr")]
 
 
 # -----------------------------------------------------------------------------
